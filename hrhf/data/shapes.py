@@ -1,0 +1,216 @@
+"""The embedded procedural benchmark: coloured, textured shapes on noisy backgrounds."""
+
+from __future__ import annotations
+
+import colorsys
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from hrhf.data import SegmentationSource, color_map
+
+GENERATOR_VERSION = 1
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+# name, hue in degrees, texture, largest rotation in degrees (180: any angle)
+CLASSES: list[tuple[str, float, str, float]] = [
+    ("disc", 0, "solid", 0),
+    ("square", 210, "checker", 20),
+    ("triangle", 55, "stripes", 20),
+    ("ring", 300, "solid", 0),
+    ("cross", 120, "dots", 20),
+    ("star", 28, "gradient", 20),
+    ("diamond", 180, "stripes", 15),
+    ("hexagon", 265, "dots", 30),
+    ("crescent", 90, "gradient", 180),
+    ("bar", 330, "checker", 180),
+]
+CLASS_COUNT_P = (0.6, 0.3, 0.1)  # images holding 1, 2, 3 distinct classes
+SECOND_INSTANCE_P = 0.3
+SCALE_RANGE = (0.06, 0.85)  # object diameter as a share of the image side, sampled log-uniformly
+
+
+def _polygon(u: np.ndarray, v: np.ndarray, n: int, phase: float) -> np.ndarray:
+    apothem = math.cos(math.pi / n)
+    inside = np.ones(u.shape, dtype=bool)
+    for k in range(n):
+        a = phase + 2 * math.pi * k / n
+        inside &= u * math.cos(a) + v * math.sin(a) <= apothem
+    return inside
+
+
+def _shape(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Inside test in object coordinates, where the shape fits the unit disc."""
+    r2 = u * u + v * v
+    if name == "disc":
+        return r2 <= 1.0
+    if name == "square":
+        return _polygon(u, v, 4, 0.0)
+    if name == "triangle":
+        return _polygon(u, v, 3, -math.pi / 2)
+    if name == "ring":
+        return (r2 <= 1.0) & (r2 >= 0.55**2)
+    if name == "cross":
+        au, av = np.abs(u), np.abs(v)
+        return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))
+    if name == "star":
+        lobes = (1 + np.cos(5 * np.arctan2(v, u))) / 2
+        return np.sqrt(r2) <= 0.42 + 0.58 * lobes**2
+    if name == "diamond":
+        return np.abs(u) / 0.65 + np.abs(v) <= 1.0
+    if name == "hexagon":
+        return _polygon(u, v, 6, 0.0)
+    if name == "crescent":
+        return (r2 <= 1.0) & ((u - 0.45) ** 2 + v * v > 0.8**2)
+    if name == "bar":
+        return (np.abs(u) <= 1.0) & (np.abs(v) <= 0.28)
+    raise ValueError(f"unknown shape {name!r}")
+
+
+def _texture(kind: str, u: np.ndarray, v: np.ndarray, period: float) -> np.ndarray:
+    """Mixing weight in [0, 1] between an object's main colour and its dark variant."""
+    if kind == "solid":
+        return np.zeros(u.shape, dtype=np.float32)
+    if kind == "stripes":
+        return (np.sin(2 * math.pi * u / period) > 0).astype(np.float32)
+    if kind == "checker":
+        return ((np.floor(2 * u / period) + np.floor(2 * v / period)) % 2).astype(np.float32)
+    if kind == "dots":
+        du, dv = u % period - period / 2, v % period - period / 2
+        return (du * du + dv * dv < (0.3 * period) ** 2).astype(np.float32)
+    if kind == "gradient":
+        return np.clip((u + v + 1.4) / 2.8, 0, 1).astype(np.float32)
+    raise ValueError(f"unknown texture {kind!r}")
+
+
+@lru_cache(maxsize=64)
+def _resize_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """Bilinear interpolation weights (n_out, n_in), so upsampling is two small matrix products."""
+    pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    i0 = np.floor(pos).astype(int)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w = (pos - i0).astype(np.float32)
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    np.add.at(m, (np.arange(n_out), i0), 1 - w)
+    np.add.at(m, (np.arange(n_out), i1), w)
+    return m
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int, amplitude: float, chroma: float) -> np.ndarray:
+    """Bilinearly upsampled random grid: shared brightness variation plus weaker per-channel tint."""
+    grid = rng.normal(0.0, amplitude, size=(1, cells, cells)) + rng.normal(0.0, chroma, size=(3, cells, cells))
+    m = _resize_matrix(size, cells)
+    return (m @ grid.astype(np.float32) @ m.T).transpose(1, 2, 0)
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb((h / 360.0) % 1.0, s, v), dtype=np.float32)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    base = _hsv(rng.uniform(0, 360), rng.uniform(0.05, 0.3), rng.uniform(0.3, 0.7))
+    img = base + _smooth_noise(rng, size, int(rng.integers(2, 6)), 0.12, 0.06)
+    img += _smooth_noise(rng, size, int(rng.integers(8, 16)), 0.05, 0.02)
+    return img
+
+
+class ShapesDataset(SegmentationSource):
+    """Procedural CISS benchmark, deterministic from (seed, split, index).
+
+    Ten classes differ in shape, hue and texture; objects range from ~6% to ~85% of the
+    side (log-uniform), may leave the frame and occlude each other (larger ones are drawn
+    first). Most images hold one or two classes, as in VOC, so later steps rarely show old
+    classes. Samples are memoised, so epochs after the first cost nothing.
+    """
+
+    name = "shapes"
+    num_classes = len(CLASSES)
+    class_names = ["background"] + [c[0] for c in CLASSES]
+    palette = color_map(len(CLASSES) + 1)
+
+    def __init__(self, split: str = "train", size: int = 2000, image_size: int = 64, seed: int = 0):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; known splits: {list(SPLITS)}")
+        if size < 0:
+            raise ValueError(f"size must be >= 0, got {size}")
+        if not 16 <= image_size <= 512:
+            raise ValueError(f"image_size must be in 16..512, got {image_size}")
+        self.split = split
+        self.size = size
+        self.image_size = image_size
+        self.seed = seed
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return self.size
+
+    def render(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image uint8 (H, W, 3) and mask uint8 (H, W) of item i, generated from scratch."""
+        i = self._check_index(i)
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], i])
+        side = self.image_size
+        img = _background(rng, side)
+        mask = np.zeros((side, side), dtype=np.uint8)
+
+        n_classes = int(rng.choice(len(CLASS_COUNT_P), p=CLASS_COUNT_P)) + 1
+        classes = rng.choice(len(CLASSES), size=n_classes, replace=False) + 1
+        objects = []
+        for c in classes:
+            for _ in range(1 + int(rng.random() < SECOND_INSTANCE_P)):
+                diameter = math.exp(rng.uniform(math.log(SCALE_RANGE[0]), math.log(SCALE_RANGE[1]))) * side
+                # jitter draws: rotation, hue, saturation, value, texture contrast
+                objects.append((diameter, int(c), rng.uniform(0.05, 0.95, size=2) * side, rng.random(5)))
+        objects.sort(key=lambda o: -o[0])  # large first, so small objects end up on top
+
+        for diameter, c, (cx, cy), r in objects:
+            shape, hue, texture, max_rot = CLASSES[c - 1]
+            radius = diameter / 2
+            y0, y1 = max(0, int(cy - radius)), min(side, int(math.ceil(cy + radius)) + 1)
+            x0, x1 = max(0, int(cx - radius)), min(side, int(math.ceil(cx + radius)) + 1)
+            if y0 >= y1 or x0 >= x1:
+                continue
+            theta = math.radians((2 * r[0] - 1) * max_rot)
+            dy = (np.arange(y0, y1, dtype=np.float32) + 0.5 - cy)[:, None]
+            dx = (np.arange(x0, x1, dtype=np.float32) + 0.5 - cx)[None, :]
+            cos, sin = math.cos(theta), math.sin(theta)
+            u = (dx * cos + dy * sin) / radius
+            v = (dy * cos - dx * sin) / radius
+            inside = _shape(shape, u, v)
+            if not inside.any():
+                continue
+            main = _hsv(hue + 12 * (r[1] - 0.5), 0.75 + 0.2 * r[2], 0.75 + 0.2 * r[3])
+            dark = main * (0.35 + 0.2 * r[4])
+            t = _texture(texture, u, v, max(4.0 / radius, 2 / 3))[..., None]
+            patch = img[y0:y1, x0:x1]
+            patch[inside] = (main * (1 - t) + dark * t)[inside]
+            mask[y0:y1, x0:x1][inside] = c
+
+        img += rng.normal(0.0, 0.03, size=img.shape).astype(np.float32)
+        return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), mask
+
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image uint8 (3, H, W) and mask uint8 (H, W) of item i."""
+        i = self._check_index(i)
+        if i not in self._cache:
+            img, mask = self.render(i)
+            self._cache[i] = (np.ascontiguousarray(img.transpose(2, 0, 1)), mask)
+        # numpy copies: torch's threaded copy costs more than the copy itself on images this small
+        img, mask = self._cache[i]
+        return torch.from_numpy(img.copy()), torch.from_numpy(mask.copy())
+
+    def item_id(self, i: int) -> str:
+        """'shapes/<split>/<index>'."""
+        return f"shapes/{self.split}/{self._check_index(i)}"
+
+    def identity(self) -> dict:
+        """Generator version, split, seed and sizes."""
+        return {
+            "name": self.name,
+            "version": GENERATOR_VERSION,
+            "split": self.split,
+            "seed": self.seed,
+            "size": self.size,
+            "image_size": self.image_size,
+        }

@@ -1,0 +1,202 @@
+"""SegInversion: synthesise images of old classes from a frozen segmentation model (DESIGN 2.1-2.2).
+
+One class owns the BatchNorm hooks and the optimisation loop, in the manner of DeepInversion. The
+class term is Scale-Aware Aggregation (SAA): the top ceil(r * H * W) log-probabilities of the target
+class and the top remaining share of the background's are averaged, so about r of the image becomes
+the object; global average / max pooling are kept for the ablation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hrhf.config import InversionConfig
+from hrhf.data.transforms import denormalize, normalize, pixel_bounds
+
+
+@dataclass(frozen=True)
+class Target:
+    """One image to synthesise: a class (model output index), an object-area ratio and a seed."""
+
+    class_index: int
+    scale: float
+    seed: int
+
+
+def make_targets(classes: Sequence[int], scales: Sequence[float], images_per_scale: int, base_seed: int) -> list[Target]:
+    """The product classes x scales x seeds, interleaved so that any run of targets mixes classes and scales."""
+    targets = []
+    for j in range(images_per_scale):
+        for si, scale in enumerate(scales):
+            for c in classes:
+                seed = ((base_seed * 1_000 + j) * 100 + si) * 1_000 + c
+                targets.append(Target(int(c), float(scale), seed))
+    return targets
+
+
+@dataclass
+class SyntheticSet:
+    """Synthetic images (uint8), the teacher's pseudo-label masks on them, and per-image metadata."""
+
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    masks: torch.Tensor  # (N, H, W) uint8, the teacher's argmax on the stored image
+    meta: list[dict] = field(default_factory=list)  # class, scale, seed, loss, area
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    @staticmethod
+    def concat(parts: Sequence[SyntheticSet]) -> SyntheticSet:
+        """Join several sets into one, keeping their order."""
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return SyntheticSet(torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, 1, 1, dtype=torch.uint8), [])
+        return SyntheticSet(
+            torch.cat([p.images for p in parts]),
+            torch.cat([p.masks for p in parts]),
+            [m for p in parts for m in p.meta],
+        )
+
+
+def aggregation_loss(logits: torch.Tensor, classes: torch.Tensor, scales: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-image class term: SAA with ratio r, or GAP / GMP of the target class's log-probability."""
+    log_probs = logits.log_softmax(dim=1)
+    batch, _, height, width = logits.shape
+    area = height * width
+    class_lp = log_probs[torch.arange(batch), classes].flatten(1)
+    if mode == "gap":
+        return -class_lp.mean(dim=1)
+    if mode == "gmp":
+        return -class_lp.amax(dim=1)
+    if mode != "saa":
+        raise ValueError(f"unknown aggregation {mode!r}")
+    k = torch.ceil(scales * area).clamp(1, area).long()
+    rank = torch.arange(area, device=logits.device)
+    top_class = class_lp.sort(dim=1, descending=True).values
+    top_bg = log_probs[:, 0].flatten(1).sort(dim=1, descending=True).values
+    class_term = (top_class * (rank < k[:, None])).sum(1) / k
+    rest = area - k
+    bg_term = (top_bg * (rank < rest[:, None])).sum(1) / rest.clamp(min=1)
+    return -(class_term + torch.where(rest > 0, bg_term, torch.zeros_like(bg_term)))
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Per-image mean squared difference of horizontal and vertical neighbours."""
+    dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).pow(2).flatten(1).mean(1)
+    dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).flatten(1).mean(1)
+    return dh + dw
+
+
+class SegInversion:
+    """Inverts a frozen segmentation model into images with objects of chosen classes and sizes.
+
+    Use as a context manager (or call ``close``) so that the BatchNorm hooks are removed.
+    """
+
+    def __init__(self, teacher: nn.Module, cfg: InversionConfig, image_size: int, device: str = "cpu") -> None:
+        self.teacher = teacher.to(device).eval().requires_grad_(False)
+        self.cfg = cfg
+        self.image_size = image_size
+        self.device = device
+        self.low, self.high = (b.to(device) for b in pixel_bounds())
+        self._bn_terms: list[torch.Tensor] = []
+        self._recording = False
+        bn_layers = [m for m in self.teacher.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not bn_layers:
+            raise ValueError("SegInversion needs a teacher with BatchNorm2d layers (the BN-statistics prior)")
+        self._hooks = [m.register_forward_hook(self._bn_hook) for m in bn_layers]
+
+    def _bn_hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        if not self._recording:
+            return
+        x = inputs[0]
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        self._bn_terms.append(torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(var - module.running_var))
+
+    def bn_prior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher logits on ``x`` and the BN-statistics prior R_bn (first layer weighted by first_bn_mult)."""
+        self._bn_terms = []
+        self._recording = True
+        try:
+            logits = self.teacher(x)
+        finally:
+            self._recording = False
+        weights = [self.cfg.first_bn_mult] + [1.0] * (len(self._bn_terms) - 1)
+        prior = sum(w * t for w, t in zip(weights, self._bn_terms))
+        self._bn_terms = []
+        return logits, prior
+
+    def _lr(self, it: int) -> float:
+        total = max(self.cfg.iterations, 1)
+        warmup = max(1, total // 20)
+        if it < warmup:
+            return self.cfg.lr * (it + 1) / warmup
+        return self.cfg.lr * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, total - warmup)))
+
+    def invert_batch(self, targets: Sequence[Target]) -> SyntheticSet:
+        """Optimise one batch of images from noise; deterministic for the same targets on CPU."""
+        cfg, size = self.cfg, self.image_size
+        classes = torch.tensor([t.class_index for t in targets], device=self.device)
+        scales = torch.tensor([t.scale for t in targets], device=self.device)
+        noise = [torch.randn(3, size, size, generator=torch.Generator().manual_seed(t.seed)) for t in targets]
+        x = torch.stack(noise).to(self.device)
+        x = torch.max(torch.min(x, self.high), self.low).requires_grad_(True)
+        rng = torch.Generator().manual_seed(targets[0].seed ^ len(targets))
+        optimizer = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
+        for it in range(cfg.iterations):
+            for group in optimizer.param_groups:
+                group["lr"] = self._lr(it)
+            view = x
+            if cfg.jitter:
+                dx, dy = torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=rng).tolist()
+                view = torch.roll(view, shifts=(dy, dx), dims=(2, 3))
+            flipped = cfg.flip and bool(torch.rand((), generator=rng) < 0.5)
+            if flipped:
+                view = view.flip(3)
+            logits, prior = self.bn_prior(view)
+            class_loss = aggregation_loss(logits, classes, scales, cfg.aggregation)
+            loss = class_loss.mean() + cfg.w_bn * prior
+            loss = loss + (cfg.w_tv * total_variation(x) + cfg.w_l2 * x.pow(2).flatten(1).mean(1)).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                x.copy_(torch.max(torch.min(x, self.high), self.low))
+        images = denormalize(x.detach().cpu())
+        with torch.no_grad():
+            logits = self.teacher(normalize(images).to(self.device))
+            final_loss = aggregation_loss(logits, classes, scales, cfg.aggregation).cpu()
+        masks = logits.argmax(dim=1).cpu()
+        area = (masks == classes.cpu()[:, None, None]).flatten(1).float().mean(1)
+        meta = [
+            {"class": t.class_index, "scale": t.scale, "seed": t.seed, "loss": float(final_loss[i]), "area": float(area[i])}
+            for i, t in enumerate(targets)
+        ]
+        return SyntheticSet(images, masks.to(torch.uint8), meta)
+
+    def invert(self, targets: Sequence[Target], on_batch: Callable[[int, int], None] | None = None) -> SyntheticSet:
+        """Invert every target in batches of ``cfg.batch_size``; ``on_batch(done, total)`` reports progress."""
+        parts = []
+        for start in range(0, len(targets), self.cfg.batch_size):
+            parts.append(self.invert_batch(targets[start : start + self.cfg.batch_size]))
+            if on_batch is not None:
+                on_batch(min(start + self.cfg.batch_size, len(targets)), len(targets))
+        return SyntheticSet.concat(parts)
+
+    def close(self) -> None:
+        """Remove the BatchNorm hooks from the teacher."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def __enter__(self) -> SegInversion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

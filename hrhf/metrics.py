@@ -1,0 +1,63 @@
+"""Confusion-matrix mIoU for incremental segmentation: background, old, new, all and per class."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+IGNORE_INDEX = 255
+
+
+class ConfusionMatrix:
+    """Accumulates a (num_classes x num_classes) confusion matrix; rows are ground truth."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of predicted and true label maps; pixels labelled 255 are skipped."""
+        keep = target != IGNORE_INDEX
+        target = target[keep].to(torch.int64)
+        pred = pred[keep].to(torch.int64)
+        if target.numel() and int(target.max()) >= self.num_classes:
+            raise ValueError(f"target label {int(target.max())} >= num_classes {self.num_classes}")
+        flat = target * self.num_classes + pred
+        self.matrix += torch.bincount(flat, minlength=self.num_classes**2).reshape(self.num_classes, -1).cpu()
+
+    def iou(self) -> torch.Tensor:
+        """Per-class IoU; NaN for classes absent from both prediction and ground truth."""
+        return class_iou(self.matrix)
+
+
+def class_iou(matrix: torch.Tensor) -> torch.Tensor:
+    """IoU per class of a confusion matrix (rows = truth), NaN where the class never occurs."""
+    matrix = matrix.to(torch.float64)
+    tp = matrix.diag()
+    union = matrix.sum(0) + matrix.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    values = values[~values.isnan()]
+    return float(values.mean()) if values.numel() else math.nan
+
+
+def summarize(matrix: torch.Tensor, old: Sequence[int], new: Sequence[int]) -> dict:
+    """mIoU over background, old and new class indices, all seen classes (with background), and per class.
+
+    Values are fractions in [0, 1]; a class that never occurs in truth or prediction is left out of the
+    means (and reported as None per class).
+    """
+    iou = class_iou(matrix)
+    old_idx = torch.tensor(list(old), dtype=torch.long)
+    new_idx = torch.tensor(list(new), dtype=torch.long)
+    return {
+        "background": _nanmean(iou[:1]),
+        "old": _nanmean(iou[old_idx]) if len(old) else math.nan,
+        "new": _nanmean(iou[new_idx]) if len(new) else math.nan,
+        "all": _nanmean(iou),
+        "per_class": [None if math.isnan(v) else float(v) for v in iou.tolist()],
+    }

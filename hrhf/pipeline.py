@@ -1,0 +1,316 @@
+"""The incremental pipeline, written once: for each step, synthesise (HRHF) -> train -> evaluate.
+
+Synthesis and training sit behind two small interfaces, ``Synthesizer`` and ``Trainer``; the local
+implementations here run in-process, and the Ray layer supplies distributed ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import fsspec
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import Dataset
+
+from hrhf import config as config_lib
+from hrhf.config import Config
+from hrhf.data import build_step_datasets, make_source
+from hrhf.data.transforms import eval_transform, train_transform
+from hrhf.inversion import SegInversion, SyntheticSet, Target, make_targets
+from hrhf.metrics import summarize
+from hrhf.models import build_model, load_checkpoint, save_checkpoint, widen_classifier, write_bytes_atomic
+from hrhf.report import markdown_report
+from hrhf.tasks import Task, make_task
+from hrhf.train import evaluate, fit
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class StepJob:
+    """Everything one step's training needs; picklable, so a distributed trainer can ship it."""
+
+    step: int
+    student: nn.Module
+    teacher: nn.Module | None
+    real: Dataset
+    fake: SyntheticSet | None
+    n_old: int
+    epochs: int
+    lr: float
+    cfg: Config
+
+
+class Synthesizer(Protocol):
+    """Turns a frozen old model and a list of targets into a synthetic set."""
+
+    def synthesize(self, teacher: nn.Module, targets: list[Target], step: int) -> SyntheticSet:
+        """Invert ``teacher`` for every target."""
+        ...
+
+
+class Trainer(Protocol):
+    """Trains the student of one step and returns it."""
+
+    def train(self, job: StepJob) -> nn.Module:
+        """Train ``job.student`` on the step's real (and fake) data."""
+        ...
+
+
+class LocalSynthesizer:
+    """In-process SegInversion."""
+
+    def __init__(self, cfg: Config, log: Log = print) -> None:
+        self.cfg = cfg
+        self.log = log
+
+    def synthesize(self, teacher: nn.Module, targets: list[Target], step: int) -> SyntheticSet:
+        """Invert all targets in this process, batch by batch."""
+        start = time.perf_counter()
+
+        def progress(done: int, total: int) -> None:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            self.log(f"[step {step}] synthesis {done}/{total} images ({rate:.1f} img/s)")
+
+        with SegInversion(teacher, self.cfg.inversion, self.cfg.data.image_size, self.cfg.device) as inverter:
+            return inverter.invert(targets, on_batch=progress)
+
+
+class LocalTrainer:
+    """In-process training with the plain loop of hrhf.train."""
+
+    def __init__(self, log: Log = print) -> None:
+        self.log = log
+
+    def train(self, job: StepJob) -> nn.Module:
+        """Fit the student for the step's epochs."""
+        cfg = job.cfg
+
+        def on_epoch(epoch: int, stats: dict[str, float]) -> None:
+            parts = " ".join(f"{k}={v:.4f}" for k, v in stats.items())
+            self.log(f"[step {job.step}] epoch {epoch + 1}/{job.epochs} {parts}")
+
+        return fit(
+            job.student,
+            job.teacher,
+            job.real,
+            job.fake,
+            cfg.method,
+            job.n_old,
+            job.epochs,
+            job.lr,
+            cfg.train.batch_size,
+            cfg.train.weight_decay,
+            seed=cfg.seed * 100 + job.step,
+            num_workers=cfg.train.num_workers,
+            device=cfg.device,
+            on_epoch=on_epoch,
+        )
+
+
+def task_of(cfg: Config) -> Task:
+    """The protocol instance a config describes."""
+    data = cfg.data
+    return make_task(data.dataset, data.protocol, overlap=data.overlap, order=data.class_order, order_seed=data.order_seed)
+
+
+def sources_of(cfg: Config) -> tuple[Dataset, Dataset]:
+    """Training and validation sources of the configured dataset."""
+    data = cfg.data
+    if data.dataset == "shapes":
+        train = make_source("shapes", "train", image_size=data.image_size, size=data.train_size, seed=data.data_seed)
+        val = make_source("shapes", "val", image_size=data.image_size, size=data.val_size, seed=data.data_seed)
+    else:
+        splits = {"voc": ("train", "val"), "ade": ("training", "validation")}[data.dataset]
+        train = make_source(data.dataset, splits[0], root=data.root)
+        val = make_source(data.dataset, splits[1], root=data.root)
+    return train, val
+
+
+def step_datasets(cfg: Config, task: Task, step: int, sources: tuple[Dataset, Dataset]) -> tuple[Dataset, Dataset]:
+    """Real training data of a step (joint: every seen class labelled) and the validation set."""
+    data = cfg.data
+    if data.dataset == "shapes":
+        train_tf, eval_tf = train_transform(data.image_size, scale=(1.0, 1.0)), eval_transform(None)
+    else:
+        train_tf, eval_tf = train_transform(data.image_size), eval_transform(None)
+    mode = "joint" if cfg.method.joint else "train"
+    return build_step_datasets(sources[0], sources[1], task, step, mode, train_tf, eval_tf, cache_dir=data.cache_dir)
+
+
+def step_targets(cfg: Config, task: Task, step: int) -> list[Target]:
+    """The synthesis targets of a step: old classes x SAA scales x seeds."""
+    inv = cfg.inversion
+    return make_targets(task.old_indices(step), inv.scales, inv.images_per_scale, base_seed=cfg.seed * 100 + step)
+
+
+def _checkpoint_classes_match(payload: dict[str, Any], task: Task, upto: int) -> None:
+    expected = [list(task.steps[s]) for s in range(upto + 1)]
+    if payload["classes"][: upto + 1] != expected:
+        raise ValueError(
+            f"checkpoint classes {payload['classes']} do not match protocol {task.name!r} "
+            f"steps 0..{upto}: {expected}"
+        )
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+class RunDir:
+    """A run's files under a local path or fsspec URI: config, per-step checkpoints, report."""
+
+    def __init__(self, uri: str | None) -> None:
+        self.uri = uri.rstrip("/") if uri else None
+        self.fs = fsspec.core.url_to_fs(self.uri)[0] if self.uri else None
+
+    def path(self, name: str) -> str:
+        """URI of a file in the run directory."""
+        return f"{self.uri}/{name}"
+
+    def exists(self, name: str) -> bool:
+        """Whether a file exists in the run directory."""
+        return self.uri is not None and self.fs.exists(self.path(name))
+
+    def read_text(self, name: str) -> str:
+        """Read a text file of the run directory."""
+        with fsspec.open(self.path(name), "r") as f:
+            return f.read()
+
+    def write_text(self, name: str, text: str) -> None:
+        """Atomically write a text file of the run directory."""
+        if self.uri is not None:
+            write_bytes_atomic(self.path(name), text.encode())
+
+    def claim(self, cfg: Config) -> None:
+        """Record the config, or check that an existing run directory holds the same one."""
+        if self.uri is None:
+            return
+        wanted = config_lib.to_dict(cfg)
+        if self.exists("config.yaml"):
+            existing = yaml.safe_load(self.read_text("config.yaml"))
+            if existing != wanted:
+                theirs, ours = _flatten(existing), _flatten(wanted)
+                diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+                raise ValueError(
+                    f"run directory {self.uri} holds another run's config (differs in: {', '.join(diff)}); "
+                    "use a new run directory or the same config"
+                )
+        else:
+            self.write_text("config.yaml", yaml.safe_dump(wanted, sort_keys=False))
+
+
+def run(
+    cfg: Config,
+    run_dir: str | None = None,
+    synthesizer: Synthesizer | None = None,
+    trainer: Trainer | None = None,
+    log: Log = print,
+    last_step: int | None = None,
+) -> dict[str, Any]:
+    """Run the steps of the configured protocol (up to ``last_step``) and return the report.
+
+    With a ``run_dir``, each finished step is checkpointed there and a rerun resumes after it.
+    """
+    config_lib.validate(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    task = task_of(cfg)
+    rundir = RunDir(run_dir)
+    rundir.claim(cfg)
+    synthesizer = synthesizer or LocalSynthesizer(cfg, log)
+    trainer = trainer or LocalTrainer(log)
+    sources = sources_of(cfg)
+    names = sources[0].class_names
+    report: dict[str, Any] = {"task": {"dataset": task.dataset, "protocol": task.name, "overlap": task.overlap,
+                                       "steps": [list(s) for s in task.steps]},
+                              "method": cfg.method.name, "config": config_lib.to_dict(cfg), "steps": []}
+    model: nn.Module | None = None
+    for step in range(task.num_steps if last_step is None else last_step + 1):
+        ckpt_name = f"step-{step}.pt"
+        if rundir.exists(ckpt_name):
+            model, payload = load_checkpoint(rundir.path(ckpt_name), cfg.device)
+            _checkpoint_classes_match(payload, task, step)
+            report["steps"].append(payload["extra"]["result"])
+            log(f"[step {step}] found {ckpt_name} in the run directory, not recomputed")
+            continue
+        torch.manual_seed(cfg.seed * 100 + step)
+        real, val = step_datasets(cfg, task, step, sources)
+        n_old, n_seen = len(task.old_classes(step)), task.num_seen(step)
+        fake, synth_seconds = None, 0.0
+        teacher = None
+        start = time.perf_counter()
+        if cfg.method.joint or step == 0:
+            if step == 0 and cfg.train.init_checkpoint and not cfg.method.joint:
+                model, payload = load_checkpoint(cfg.train.init_checkpoint, cfg.device)
+                _checkpoint_classes_match(payload, task, 0)
+                log(f"[step 0] starting from {cfg.train.init_checkpoint}")
+                student = None
+            else:
+                student = build_model(cfg.model.name, n_seen + 1, cfg.model.width, cfg.model.backbone_weights)
+            epochs, lr, n_old_loss = cfg.train.epochs_base, cfg.train.lr_base, 0
+        else:
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            student = widen_classifier(copy.deepcopy(model), len(task.new_classes(step)), cfg.method.init)
+            epochs, lr, n_old_loss = cfg.train.epochs_step, cfg.train.lr_step, n_old
+            if cfg.method.fake:
+                targets = step_targets(cfg, task, step)
+                synth_start = time.perf_counter()
+                fake = synthesizer.synthesize(teacher, targets, step)
+                synth_seconds = time.perf_counter() - synth_start
+        train_start = time.perf_counter()
+        if student is not None:
+            log(f"[step {step}] training on {len(real)} real" + (f" + {len(fake)} synthetic" if fake else "") + " images")
+            job = StepJob(step, student, teacher, real, fake, n_old_loss, epochs, lr, cfg)
+            model = trainer.train(job)
+        train_seconds = time.perf_counter() - train_start
+        matrix = evaluate(model, val, n_seen + 1, batch_size=cfg.train.batch_size if cfg.data.dataset == "shapes" else 1,
+                          device=cfg.device)
+        metrics = summarize(matrix, task.old_indices(step), task.new_indices(step))
+        result = {
+            "step": step,
+            "new_classes": [names[c] for c in task.new_classes(step)],
+            "seen_classes": [names[c] for c in task.seen_classes(step)],
+            "method": cfg.method.name,
+            "metrics": metrics,
+            "num_real": len(real),
+            "num_fake": len(fake) if fake else 0,
+            "synthesis": synthesis_summary(fake),
+            "synthesis_seconds": round(synth_seconds, 3),
+            "training_seconds": round(train_seconds, 3),
+            "step_seconds": round(time.perf_counter() - start, 3),
+        }
+        log(
+            f"[step {step}] mIoU old={metrics['old']:.3f} new={metrics['new']:.3f} all={metrics['all']:.3f} "
+            f"bg={metrics['background']:.3f}"
+        )
+        report["steps"].append(result)
+        if rundir.uri is not None:
+            save_checkpoint(rundir.path(ckpt_name), model, model_name=cfg.model.name, width=cfg.model.width,
+                            classes=[list(task.steps[s]) for s in range(step + 1)], step=step,
+                            config=config_lib.to_dict(cfg), extra={"result": json.loads(json.dumps(result))})
+    if rundir.uri is not None:
+        rundir.write_text("report.json", json.dumps(report, indent=2))
+        rundir.write_text("report.md", markdown_report(report))
+    return report
+
+
+def synthesis_summary(fake: SyntheticSet | None) -> dict[str, float] | None:
+    """Mean teacher-labelled object area and its mean absolute gap to the SAA ratio r."""
+    if not fake:
+        return None
+    area = torch.tensor([m["area"] for m in fake.meta])
+    scale = torch.tensor([m["scale"] for m in fake.meta])
+    return {"mean_area": float(area.mean()), "area_vs_scale_mae": float((area - scale).abs().mean())}
