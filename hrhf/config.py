@@ -45,10 +45,14 @@ class TrainConfig:
     epochs_base: int = 24
     epochs_step: int = 12
     batch_size: int = 32
-    lr_base: float = 3e-3
-    lr_step: float = 1e-3
+    lr_base: float = 0.05
+    lr_step: float = 0.01
     weight_decay: float = 1e-4
     num_workers: int = 0
+    # Incremental steps only (the classifier was just widened): a faster classifier, clipped gradients.
+    head_lr_mult: float = 10.0
+    clip_grad: float = 1.0
+    freeze_bn: bool = False  # keep BatchNorm statistics of the previous model
     init_checkpoint: str | None = None  # a step-0 checkpoint to start from instead of training step 0
 
 

@@ -52,12 +52,20 @@ def summarize(matrix: torch.Tensor, old: Sequence[int], new: Sequence[int]) -> d
     means (and reported as None per class).
     """
     iou = class_iou(matrix)
-    old_idx = torch.tensor(list(old), dtype=torch.long)
-    new_idx = torch.tensor(list(new), dtype=torch.long)
+    return summarize_iou([None if math.isnan(v) else float(v) for v in iou.tolist()], old, new)
+
+
+def summarize_iou(per_class: Sequence[float | None], old: Sequence[int], new: Sequence[int]) -> dict:
+    """The same summary from a per-class IoU list (index 0 background, None where undefined)."""
+    iou = torch.tensor([math.nan if v is None else v for v in per_class], dtype=torch.float64)
+
+    def mean_of(indices: Sequence[int]) -> float:
+        return _nanmean(iou[torch.tensor(list(indices), dtype=torch.long)]) if len(indices) else math.nan
+
     return {
         "background": _nanmean(iou[:1]),
-        "old": _nanmean(iou[old_idx]) if len(old) else math.nan,
-        "new": _nanmean(iou[new_idx]) if len(new) else math.nan,
+        "old": mean_of(old),
+        "new": mean_of(new),
         "all": _nanmean(iou),
-        "per_class": [None if math.isnan(v) else float(v) for v in iou.tolist()],
+        "per_class": list(per_class),
     }

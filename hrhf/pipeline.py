@@ -92,6 +92,7 @@ class LocalTrainer:
     def train(self, job: StepJob) -> nn.Module:
         """Fit the student for the step's epochs."""
         cfg = job.cfg
+        incremental = job.teacher is not None
 
         def on_epoch(epoch: int, stats: dict[str, float]) -> None:
             parts = " ".join(f"{k}={v:.4f}" for k, v in stats.items())
@@ -111,6 +112,9 @@ class LocalTrainer:
             seed=cfg.seed * 100 + job.step,
             num_workers=cfg.train.num_workers,
             device=cfg.device,
+            freeze_bn=cfg.train.freeze_bn and incremental,
+            clip_grad=cfg.train.clip_grad if incremental else 0.0,
+            head_lr_mult=cfg.train.head_lr_mult if incremental else 1.0,
             on_epoch=on_epoch,
         )
 
@@ -219,12 +223,16 @@ def run(
     trainer: Trainer | None = None,
     log: Log = print,
     last_step: int | None = None,
+    first_step: int = 0,
 ) -> dict[str, Any]:
-    """Run the steps of the configured protocol (up to ``last_step``) and return the report.
+    """Run the steps of the configured protocol (``first_step`` to ``last_step``) and return the report.
 
-    With a ``run_dir``, each finished step is checkpointed there and a rerun resumes after it.
+    With a ``run_dir``, each finished step is checkpointed there and a rerun resumes after it. Only joint
+    training, whose steps are independent, may start after step 0.
     """
     config_lib.validate(cfg)
+    if first_step and not cfg.method.joint:
+        raise ValueError("only joint training can skip steps: every other method starts from the previous model")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     task = task_of(cfg)
@@ -238,7 +246,7 @@ def run(
                                        "steps": [list(s) for s in task.steps]},
                               "method": cfg.method.name, "config": config_lib.to_dict(cfg), "steps": []}
     model: nn.Module | None = None
-    for step in range(task.num_steps if last_step is None else last_step + 1):
+    for step in range(first_step, task.num_steps if last_step is None else last_step + 1):
         ckpt_name = f"step-{step}.pt"
         if rundir.exists(ckpt_name):
             model, payload = load_checkpoint(rundir.path(ckpt_name), cfg.device)

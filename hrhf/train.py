@@ -14,6 +14,7 @@ from hrhf.data.transforms import normalize
 from hrhf.inversion import SyntheticSet
 from hrhf.methods import needs_teacher_on_real, step_loss
 from hrhf.metrics import ConfusionMatrix
+from hrhf.models import classifier_layers
 
 Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
@@ -68,16 +69,27 @@ def train_steps(
     method: MethodConfig,
     n_old: int,
     device: str = "cpu",
+    freeze_bn: bool = False,
+    clip_grad: float = 0.0,
 ) -> tuple[int, dict[str, float]]:
-    """Run the shared step loss over ``batches``; returns the next iteration index and mean loss parts."""
+    """Run the shared step loss over ``batches``; returns the next iteration index and mean loss parts.
+
+    ``freeze_bn`` keeps BatchNorm layers on their running statistics (still training their affine
+    weights), so that neither a shift in the step's data nor the synthetic half moves them.
+    ``clip_grad`` > 0 clips the gradient norm, which keeps rare loss spikes from wiping out a step.
+    """
     student.train()
+    if freeze_bn:
+        for module in student.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     totals: dict[str, float] = {}
     count = 0
     it = first_iter
     use_teacher_real = teacher is not None and needs_teacher_on_real(method)
     for images, labels, fake_images in batches:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(it)
+            group["lr"] = lr_at(it) * group.get("lr_scale", 1.0)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         n_real = len(images)
         inputs = images if fake_images is None else torch.cat([images, fake_images.to(device)])
@@ -100,6 +112,8 @@ def train_steps(
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad > 0:
+            parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip_grad))
         optimizer.step()
         parts["loss"] = float(loss.detach())
         for name, value in parts.items():
@@ -109,13 +123,21 @@ def train_steps(
     return it, {name: value / max(count, 1) for name, value in totals.items()}
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over all parameters (no decay on BatchNorm and biases)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float = 1.0) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum; no decay on BatchNorm and biases; the classifier at ``head_lr_mult`` x lr.
+
+    Not Adam: after MiB's initialisation the new classes' weights equal the background's, and Adam's
+    sign-like per-coordinate steps move them apart along no useful direction, so the new classes are
+    never learnt; SGD moves them apart along the difference of new-class and background features.
+    """
+    head = {id(p) for layer in classifier_layers(model) for p in layer.parameters()}
+    groups = []
+    for in_head in (False, True):
+        params = [p for p in model.parameters() if (id(p) in head) == in_head]
+        scale = head_lr_mult if in_head else 1.0
+        groups.append({"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lr_scale": scale})
+        groups.append({"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": scale})
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=0.9, nesterov=True)
 
 
 def real_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
@@ -145,6 +167,9 @@ def fit(
     seed: int,
     num_workers: int = 0,
     device: str = "cpu",
+    freeze_bn: bool = False,
+    clip_grad: float = 0.0,
+    head_lr_mult: float = 1.0,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> nn.Module:
     """Train ``student`` in-process for ``epochs`` passes over the real data of the step."""
@@ -154,13 +179,13 @@ def fit(
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
     loader = real_loader(real, batch_size, seed, num_workers)
-    optimizer = make_optimizer(student, lr, weight_decay)
+    optimizer = make_optimizer(student, lr, weight_decay, head_lr_mult)
     lr_at = cosine_lr(lr, epochs * len(loader))
     generator = torch.Generator().manual_seed(seed + 1)
     it = 0
     for epoch in range(epochs):
         batches = mixed_batches(loader, fake if method.fake else None, method.fake_ratio, generator)
-        it, stats = train_steps(student, teacher, batches, optimizer, lr_at, it, method, n_old, device)
+        it, stats = train_steps(student, teacher, batches, optimizer, lr_at, it, method, n_old, device, freeze_bn, clip_grad)
         if on_epoch is not None:
             on_epoch(epoch, stats)
     return student

@@ -1,0 +1,295 @@
+"""Quality on the procedural benchmark: FT / LwF / MiB / HRHF / joint, mean and spread over seeds.
+
+    python benchmarks/quality.py                          # both shapes protocols, seeds 0 1 2
+    python benchmarks/quality.py --protocol 6-1 --seed 4 --methods mib,hrhf
+    python benchmarks/quality.py --ablation               # SAA vs GAP vs GMP
+
+Prints Markdown tables of mIoU in percent (old / new / all after the last step, and per step). The
+step-0 model of a seed is trained once and shared by every method that starts from it; joint training
+(the upper bound) is run for the last step only. ``--json PATH`` writes the last step's means as
+fractions in [0, 1]: ``{method: {"old", "new", "all"}}`` for one protocol, ``{protocol: {method: ...}}``
+for several.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from hrhf.config import Config, load_config
+from hrhf.inversion import SegInversion, make_targets
+from hrhf.models import load_checkpoint
+from hrhf.pipeline import run, task_of
+from hrhf.report import pct
+
+ALL_METHODS = ("ft", "lwf", "mib", "hrhf", "joint")
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def make_config(args: argparse.Namespace, method: str, protocol: str, seed: int, extra: list[str] = ()) -> Config:
+    """The benchmark's config of one (method, protocol, seed) run."""
+    overrides = [f"data.protocol={protocol}", f"seed={seed}", *args.overrides, *extra]
+    if args.class_order is not None:
+        overrides.append(f"data.order_seed={args.class_order}")
+    return load_config(args.preset, method=method, overrides=overrides)
+
+
+def base_dir(args: argparse.Namespace, cfg: Config) -> str:
+    """Cache folder of the step-0 model shared by the methods of one seed."""
+    first = "-".join(map(str, task_of(cfg).steps[0]))
+    return str(Path(args.cache_dir) / f"base-c{first}-o{args.class_order}-s{cfg.seed}")
+
+
+def _work(job: tuple[str, Config, dict]) -> tuple[str, Config, dict]:
+    kind, cfg, options = job
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    report = run(cfg, log=_quiet, **options)
+    report["wall_seconds"] = time.perf_counter() - start
+    return kind, cfg, report
+
+
+def run_jobs(jobs: list, workers: int) -> list:
+    """Run pipeline jobs in ``workers`` single-threaded processes, printing progress."""
+    results = []
+    with ProcessPoolExecutor(workers) as pool:
+        for kind, cfg, report in pool.map(_work, jobs):
+            last = report["steps"][-1]["metrics"]
+            print(
+                f"  done {kind} {cfg.method.name} {cfg.data.protocol} seed {cfg.seed}: "
+                f"old {pct(last['old'])} new {pct(last['new'])} all {pct(last['all'])} "
+                f"({report['wall_seconds']:.0f} s)",
+                file=sys.stderr, flush=True,
+            )
+            results.append((kind, cfg, report))
+    return results
+
+
+def mean_std(values: list[float]) -> str:
+    """'mean ± std' in percent over seeds (std 0 for a single seed)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"
+
+
+def ensure_bases(args: argparse.Namespace) -> None:
+    """Train the step-0 model of every seed (and distinct base class set) that is not cached yet."""
+    missing = {}
+    for seed in args.seeds:
+        for protocol in args.protocols:
+            cfg = make_config(args, "ft", protocol, seed)
+            if not Path(base_dir(args, cfg), "step-0.pt").exists():
+                missing.setdefault(base_dir(args, cfg), cfg)
+    if missing:
+        print(f"training {len(missing)} step-0 model(s)", file=sys.stderr, flush=True)
+        run_jobs([("base", cfg, {"run_dir": d, "last_step": 0}) for d, cfg in missing.items()], args.jobs)
+
+
+def quality(args: argparse.Namespace) -> dict:
+    """Run every method on every protocol and seed; return {protocol: {method: [report per seed]}}."""
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(ALL_METHODS))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
+    ensure_bases(args)
+    jobs = []
+    for seed in args.seeds:
+        for protocol in args.protocols:
+            for method in methods:
+                if method == "joint":
+                    cfg = make_config(args, method, protocol, seed)
+                    jobs.append(("run", cfg, {"first_step": task_of(cfg).num_steps - 1}))
+                else:
+                    base = base_dir(args, make_config(args, "ft", protocol, seed))
+                    cfg = make_config(args, method, protocol, seed, [f"train.init_checkpoint={base}/step-0.pt"])
+                    jobs.append(("run", cfg, {}))
+    print(f"running {len(jobs)} incremental runs on {args.jobs} processes", file=sys.stderr, flush=True)
+    results: dict = {}
+    for _, cfg, report in run_jobs(jobs, args.jobs):
+        results.setdefault(cfg.data.protocol, {}).setdefault(cfg.method.name, []).append(report)
+    return results
+
+
+def last_step_table(results: dict) -> tuple[str, dict]:
+    """Markdown table of the last step and the JSON summary (fractions)."""
+    lines = ["| protocol | method | old | new | all | seeds |", "|---|---|---|---|---|---|"]
+    summary: dict = {}
+    for protocol, by_method in results.items():
+        for method in [m for m in ALL_METHODS if m in by_method]:
+            reports = by_method[method]
+            last = [r["steps"][-1]["metrics"] for r in reports]
+            cells = {k: [m[k] for m in last] for k in ("old", "new", "all")}
+            lines.append(
+                f"| {protocol} | {method} | {mean_std(cells['old'])} | {mean_std(cells['new'])} | "
+                f"{mean_std(cells['all'])} | {len(reports)} |"
+            )
+            summary.setdefault(protocol, {})[method] = {k: statistics.mean(v) for k, v in cells.items()}
+    return "\n".join(lines), summary
+
+
+def per_step_table(results: dict) -> str:
+    """Markdown table of every step (joint: last step only)."""
+    lines = ["| protocol | method | step | old | new | all |", "|---|---|---|---|---|---|"]
+    for protocol, by_method in results.items():
+        for method in [m for m in ALL_METHODS if m in by_method]:
+            reports = by_method[method]
+            for i, step in enumerate(reports[0]["steps"]):
+                cells = {k: [r["steps"][i]["metrics"][k] for r in reports] for k in ("old", "new", "all")}
+                lines.append(
+                    f"| {protocol} | {method} | {step['step']} | {mean_std(cells['old'])} | "
+                    f"{mean_std(cells['new'])} | {mean_std(cells['all'])} |"
+                )
+    return "\n".join(lines)
+
+
+def checks(summary: dict) -> str:
+    """The claims the benchmark exists to test, each with its measured figure."""
+    lines = []
+    for protocol, s in summary.items():
+        if {"hrhf", "mib", "joint"} <= set(s):
+            h, m, j = s["hrhf"], s["mib"], s["joint"]
+            lines += [
+                f"- {protocol}: HRHF old - MiB old = {100 * (h['old'] - m['old']):+.1f} points (goal >= +5)",
+                f"- {protocol}: HRHF old / joint old = {h['old'] / j['old']:.2f} (goal >= 0.80)",
+                f"- {protocol}: HRHF new / joint new = {h['new'] / j['new']:.2f} (goal >= 0.60)",
+                f"- {protocol}: HRHF all - MiB all = {100 * (h['all'] - m['all']):+.1f} points (goal > 0)",
+            ]
+        if {"ft", "joint"} <= set(s):
+            lines.append(f"- {protocol}: FT old / joint old = {s['ft']['old'] / s['joint']['old']:.2f} (forgetting)")
+    return "\n".join(lines)
+
+
+ABLATION_SCALES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+AGGREGATIONS = ("saa", "gap", "gmp")
+
+
+def ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    result = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            result[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return result
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman rank correlation (Pearson correlation of the ranks)."""
+    rx, ry = ranks(x), ranks(y)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    norm = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / norm if norm else math.nan
+
+
+def _scale_study(job: tuple[str, Config, str]) -> tuple[str, dict[float, list[float]]]:
+    aggregation, cfg, checkpoint = job
+    torch.set_num_threads(1)
+    teacher, payload = load_checkpoint(checkpoint)
+    classes = list(range(1, len(payload["classes"][0]) + 1))
+    cfg.inversion.aggregation = aggregation
+    targets = make_targets(classes, ABLATION_SCALES, cfg.inversion.images_per_scale, base_seed=cfg.seed)
+    with SegInversion(teacher, cfg.inversion, cfg.data.image_size) as inverter:
+        result = inverter.invert(targets)
+    areas: dict[float, list[float]] = {r: [] for r in ABLATION_SCALES}
+    for meta in result.meta:
+        areas[meta["scale"]].append(meta["area"])
+    return aggregation, areas
+
+
+def ablation(args: argparse.Namespace, start: float) -> int:
+    """SAA vs GAP vs GMP: synthetic object area against r, and old-class mIoU after distillation."""
+    protocol = args.protocols[0]
+    seed = args.seeds[0]
+    cfg = make_config(args, "hrhf", protocol, seed)
+    base = base_dir(args, make_config(args, "ft", protocol, seed))
+    ensure_bases(args)
+    with ProcessPoolExecutor(args.jobs) as pool:
+        studies = dict(pool.map(_scale_study, [(a, cfg, f"{base}/step-0.pt") for a in AGGREGATIONS]))
+    lines = [
+        f"Teacher: step-0 model of {protocol}, seed {seed}; {cfg.inversion.images_per_scale} images per class and r.",
+        "",
+        "| aggregation | " + " | ".join(f"r={r}" for r in ABLATION_SCALES) + " | Spearman(r, area) | MAE(area, r) |",
+        "|---|" + "---|" * (len(ABLATION_SCALES) + 2),
+    ]
+    for aggregation, areas in studies.items():
+        means = [statistics.mean(areas[r]) for r in ABLATION_SCALES]
+        mae = statistics.mean(abs(a - r) for r in ABLATION_SCALES for a in areas[r])
+        rho = spearman(list(ABLATION_SCALES), means)
+        lines.append(f"| {aggregation} | " + " | ".join(f"{m:.3f}" for m in means) + f" | {rho:.2f} | {mae:.3f} |")
+    jobs = []
+    for s in args.seeds:
+        for p in args.protocols:
+            base_s = base_dir(args, make_config(args, "ft", p, s))
+            for aggregation in AGGREGATIONS:
+                extra = [f"train.init_checkpoint={base_s}/step-0.pt", f"inversion.aggregation={aggregation}"]
+                jobs.append(("ablation", make_config(args, "hrhf", p, s, extra), {}))
+    by_key: dict = {}
+    for _, c, report in run_jobs(jobs, args.jobs):
+        by_key.setdefault((c.data.protocol, c.inversion.aggregation), []).append(report["steps"][-1]["metrics"])
+    lines += ["", "HRHF after the last step, mIoU (%) mean ± std over seeds:", "",
+              "| protocol | aggregation | old | new | all |", "|---|---|---|---|---|"]
+    for (p, aggregation), metrics in by_key.items():
+        cells = {k: mean_std([m[k] for m in metrics]) for k in ("old", "new", "all")}
+        lines.append(f"| {p} | {aggregation} | {cells['old']} | {cells['new']} | {cells['all']} |")
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    print(f"Command: `{command.strip()}` ({time.perf_counter() - start:.0f} s)\n")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run the benchmark, print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", dest="seeds", type=int, action="append", help="a seed (repeatable; default 0 1 2)")
+    parser.add_argument("--protocol", dest="protocols", action="append", help="shapes protocol (repeatable; default 6-2-2 and 6-1)")
+    parser.add_argument("--class-order", type=int, default=None, help="permute the class order with this seed")
+    parser.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS))
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
+    parser.add_argument("--cache-dir", default="runs/quality-cache", help="where step-0 models are kept")
+    parser.add_argument("--json", default=None, help="write the last step's means (fractions in [0, 1]) here")
+    parser.add_argument("--ablation", action="store_true", help="compare SAA with GAP and GMP instead")
+    args = parser.parse_args(argv)
+    args.seeds = args.seeds or [0, 1, 2]
+    args.protocols = args.protocols or ["6-2-2", "6-1"]
+    start = time.perf_counter()
+    if args.ablation:
+        return ablation(args, start)
+    results = quality(args)
+    table, summary = last_step_table(results)
+    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"Command: `{command.strip()}` ({time.perf_counter() - start:.0f} s)\n")
+    print("mIoU (%) after the last step, mean ± std over seeds:\n")
+    print(table)
+    print("\nPer step (joint: last step only):\n")
+    print(per_step_table(results))
+    print("\n" + checks(summary))
+    if args.json:
+        payload = summary[args.protocols[0]] if len(args.protocols) == 1 else summary
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+import math
+
+import pytest
+import torch
+
+from hrhf.config import InversionConfig
+from hrhf.data import make_source
+from hrhf.data.incremental import StepDataset
+from hrhf.inversion import SegInversion, aggregation_loss, make_targets
+from hrhf.methods import METHODS
+from hrhf.models import build_model
+from hrhf.tasks import label_lut, make_task_from_steps
+from hrhf.train import fit
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """A small network trained for a few seconds on shapes of classes 1-3."""
+    torch.manual_seed(0)
+    task = make_task_from_steps("shapes", [[1, 2, 3]], overlap=True)
+    source = make_source("shapes", "train", image_size=32, size=300, seed=5)
+    keep = [i for i, labels in enumerate(source.all_labels_present()) if labels & {1, 2, 3}]
+    data = StepDataset(source, keep, label_lut(task, 0, "train"), None)
+    model = build_model("small", 4, width=8)
+    return fit(model, None, data, None, METHODS["ft"], 0, epochs=8, lr=0.05, batch_size=16, weight_decay=0.0, seed=0).eval()
+
+
+def _cfg(**kw):
+    base = dict(iterations=60, lr=0.1, batch_size=24, w_bn=0.05, w_tv=0.05, w_l2=0.0, jitter=2)
+    base.update(kw)
+    return InversionConfig(**base)
+
+
+def test_saa_loss_is_smallest_at_the_true_area():
+    # class 1 fills exactly the top 25% of an 8x8 map with near-certainty, background the rest
+    logits = torch.full((1, 3, 8, 8), -10.0)
+    logits[0, 1, :2] = 10.0
+    logits[0, 0, 2:] = 10.0
+    losses = {r: float(aggregation_loss(logits, torch.tensor([1]), torch.tensor([r]), "saa")) for r in (0.1, 0.25, 0.5)}
+    assert losses[0.25] < 1e-3
+    assert losses[0.5] > 1 and losses[0.1] > 1
+    # GAP wants the class everywhere, GMP at one pixel only
+    assert float(aggregation_loss(logits, torch.tensor([1]), torch.tensor([0.1]), "gap")) > 5
+    assert float(aggregation_loss(logits, torch.tensor([1]), torch.tensor([0.1]), "gmp")) < 1e-3
+
+
+def test_targets_mix_classes_and_scales():
+    targets = make_targets([1, 2, 3], [0.1, 0.5], 2, base_seed=7)
+    assert len(targets) == 12 and len({t.seed for t in targets}) == 12
+    assert {t.class_index for t in targets[:3]} == {1, 2, 3}
+    assert {(t.class_index, t.scale) for t in targets} == {(c, r) for c in (1, 2, 3) for r in (0.1, 0.5)}
+
+
+def test_bn_prior_decreases(teacher):
+    targets = make_targets([1, 2, 3], [0.2], 4, base_seed=0)
+    with SegInversion(teacher, _cfg(), image_size=32) as inverter:
+        x0 = torch.randn(len(targets), 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        _, before = inverter.bn_prior(x0)
+        result = inverter.invert(targets)
+        from hrhf.data.transforms import normalize
+
+        _, after = inverter.bn_prior(normalize(result.images))
+    assert float(after) < 0.5 * float(before)
+
+
+def test_inversion_output_and_determinism(teacher):
+    targets = make_targets([1, 2], [0.1, 0.4], 2, base_seed=3)
+    with SegInversion(teacher, _cfg(iterations=10), image_size=32) as inverter:
+        first = inverter.invert(targets)
+        second = inverter.invert(targets)
+    assert first.images.shape == (8, 3, 32, 32) and first.images.dtype == torch.uint8
+    assert first.masks.shape == (8, 32, 32)
+    assert torch.equal(first.images, second.images) and torch.equal(first.masks, second.masks)
+    meta = first.meta[0]
+    assert set(meta) == {"class", "scale", "seed", "loss", "area"}
+    assert 0.0 <= meta["area"] <= 1.0 and math.isfinite(meta["loss"])
+    # hooks are removed on exit: the teacher runs without recording
+    teacher(torch.randn(1, 3, 32, 32))
+
+
+def test_saa_area_rises_with_ratio(teacher):
+    small, large = 0.1, 0.6
+    targets = make_targets([1, 2, 3], [small, large], 4, base_seed=1)
+    with SegInversion(teacher, _cfg(iterations=80), image_size=32) as inverter:
+        result = inverter.invert(targets)
+    area = {r: sum(m["area"] for m in result.meta if m["scale"] == r) / 12 for r in (small, large)}
+    assert area[large] > area[small] + 0.2
+    # and the teacher labels the target class, not some other one, on most images
+    hits = sum(m["area"] > 0.02 for m in result.meta)
+    assert hits >= 0.75 * len(result.meta)
+
+
+def test_teacher_without_batchnorm_is_rejected():
+    with pytest.raises(ValueError, match="BatchNorm"):
+        SegInversion(torch.nn.Conv2d(3, 2, 1), _cfg(), image_size=8)

@@ -1,0 +1,50 @@
+import copy
+
+import torch
+
+from hrhf import losses
+from hrhf.models import SmallSegNet, widen_classifier
+
+
+def test_kd_zero_when_student_equals_teacher():
+    logits = torch.randn(2, 5, 4, 4)
+    assert abs(float(losses.knowledge_distillation(logits, logits, 2.0))) < 1e-5
+    assert float(losses.knowledge_distillation(torch.randn(2, 5, 4, 4), logits)) > 1e-3
+
+
+def test_unbiased_kd_zero_for_mib_widened_student():
+    torch.manual_seed(0)
+    teacher = SmallSegNet(4, width=4).eval()
+    student = widen_classifier(copy.deepcopy(teacher), 2, "mib").eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        t, s = teacher(x), student(x)
+    assert abs(float(losses.unbiased_knowledge_distillation(s, t))) < 1e-5
+    # plain KD over the old channels sees the split background and is not zero
+    assert float(losses.knowledge_distillation(s, t)) > 1e-3
+
+
+def test_unbiased_ce_merges_old_classes_into_background():
+    # 1 old class; a background pixel whose mass sits on the old class costs nothing under unbiased CE
+    logits = torch.tensor([-10.0, 10.0, -10.0]).view(1, 3, 1, 1)
+    labels = torch.zeros(1, 1, 1, dtype=torch.long)
+    assert float(losses.unbiased_cross_entropy(logits, labels, n_old=1)) < 1e-3
+    assert float(losses.cross_entropy(logits, labels)) > 10
+    # a new-class pixel is plain CE
+    labels_new = torch.full((1, 1, 1), 2)
+    assert abs(float(losses.unbiased_cross_entropy(logits, labels_new, 1)) - float(losses.cross_entropy(logits, labels_new))) < 1e-5
+
+
+def test_all_ignored_gives_zero_with_graph():
+    logits = torch.randn(1, 3, 2, 2, requires_grad=True)
+    labels = torch.full((1, 2, 2), 255)
+    loss = losses.unbiased_cross_entropy(logits, labels, 1) + losses.cross_entropy(logits, labels)
+    loss.backward()
+    assert float(loss) == 0.0
+
+
+def test_pseudo_labels_fill_background_only():
+    teacher = torch.zeros(1, 3, 1, 3)
+    teacher[0, 2] = 5.0  # teacher says class 2 everywhere
+    labels = torch.tensor([[[0, 1, 255]]])
+    assert losses.pseudo_labels(labels, teacher).tolist() == [[[2, 1, 255]]]

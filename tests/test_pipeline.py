@@ -1,0 +1,86 @@
+import json
+
+import pytest
+
+from hrhf.config import load_config
+from hrhf.methods import METHODS
+from hrhf.pipeline import LocalSynthesizer, run
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_smoke_run_of_every_method(method, tmp_path):
+    cfg = load_config("smoke", method=method)
+    report = run(cfg, run_dir=str(tmp_path / "run"), log=quiet)
+    steps = report["steps"]
+    assert [s["step"] for s in steps] == [0, 1, 2]
+    for s in steps:
+        m = s["metrics"]
+        assert 0.0 <= m["all"] <= 1.0 and len(m["per_class"]) == len(s["seen_classes"]) + 1
+    assert len(steps[-1]["seen_classes"]) == 10
+    fakes = [s["num_fake"] for s in steps]
+    if method == "hrhf":
+        scales, per_scale = cfg.inversion.scales, cfg.inversion.images_per_scale
+        assert fakes == [0, 6 * len(scales) * per_scale, 8 * len(scales) * per_scale]
+    else:
+        assert fakes == [0, 0, 0]
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["steps"] == steps
+    assert (tmp_path / "run" / "report.md").read_text().count("\n| ") >= 3
+    assert sorted(p.name for p in (tmp_path / "run").glob("step-*.pt")) == ["step-0.pt", "step-1.pt", "step-2.pt"]
+
+
+class Forbidden:
+    """A synthesizer / trainer that fails the test if the pipeline calls it."""
+
+    def synthesize(self, *args):
+        raise AssertionError("synthesis was redone")
+
+    def train(self, *args):
+        raise AssertionError("training was redone")
+
+
+def test_rerun_resumes_without_recomputing(tmp_path):
+    cfg = load_config("smoke", method="hrhf")
+    first = run(cfg, run_dir=str(tmp_path), log=quiet)
+    messages = []
+    second = run(cfg, run_dir=str(tmp_path), synthesizer=Forbidden(), trainer=Forbidden(), log=messages.append)
+    assert second["steps"] == first["steps"]
+    assert sum("not recomputed" in m for m in messages) == 3
+
+
+def test_partial_run_continues_from_last_checkpoint(tmp_path):
+    cfg = load_config("smoke", method="mib")
+    run(cfg, run_dir=str(tmp_path), log=quiet, last_step=0)
+    calls = []
+
+    class CountingSynth(LocalSynthesizer):
+        def synthesize(self, teacher, targets, step):
+            calls.append(step)
+            return super().synthesize(teacher, targets, step)
+
+    report = run(cfg, run_dir=str(tmp_path), synthesizer=CountingSynth(cfg, quiet), log=quiet)
+    assert len(report["steps"]) == 3 and calls == []  # MiB synthesises nothing
+
+
+def test_run_dir_with_another_config_is_refused(tmp_path):
+    run(load_config("smoke", method="ft"), run_dir=str(tmp_path), log=quiet, last_step=0)
+    before = (tmp_path / "config.yaml").read_text()
+    other = load_config("smoke", method="ft", overrides=["train.epochs_step=2"])
+    with pytest.raises(ValueError, match="another run's config.*train.epochs_step"):
+        run(other, run_dir=str(tmp_path), log=quiet)
+    assert (tmp_path / "config.yaml").read_text() == before
+
+
+def test_init_checkpoint_with_other_classes_is_refused(tmp_path):
+    base = load_config("smoke", method="ft")
+    run(base, run_dir=str(tmp_path / "base"), log=quiet, last_step=0)
+    ckpt = str(tmp_path / "base" / "step-0.pt")
+    reordered = load_config("smoke", method="ft", overrides=[f"train.init_checkpoint={ckpt}", "data.order_seed=3"])
+    with pytest.raises(ValueError, match="checkpoint classes"):
+        run(reordered, log=quiet)
+    same = load_config("smoke", method="mib", overrides=[f"train.init_checkpoint={ckpt}"])
+    assert len(run(same, log=quiet)["steps"]) == 3
