@@ -252,6 +252,11 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: top level must be a mapping of config sections")
         _merge(cfg, loaded)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply 'a.b=value' overrides in place and return the validated config."""
     for text in overrides:
         _merge(cfg, parse_override(text))
     return validate(cfg)

@@ -83,11 +83,15 @@ class LocalSynthesizer:
             return inverter.invert(targets, on_batch=progress)
 
 
-class LocalTrainer:
-    """In-process training with the plain loop of hrhf.train."""
+EpochHook = Callable[[StepJob, int, dict[str, float]], None]
 
-    def __init__(self, log: Log = print) -> None:
+
+class LocalTrainer:
+    """In-process training with the plain loop of hrhf.train; ``after_epoch(job, epoch, stats)`` is called per epoch."""
+
+    def __init__(self, log: Log = print, after_epoch: EpochHook | None = None) -> None:
         self.log = log
+        self.after_epoch = after_epoch
 
     def train(self, job: StepJob) -> nn.Module:
         """Fit the student for the step's epochs."""
@@ -97,6 +101,8 @@ class LocalTrainer:
         def on_epoch(epoch: int, stats: dict[str, float]) -> None:
             parts = " ".join(f"{k}={v:.4f}" for k, v in stats.items())
             self.log(f"[step {job.step}] epoch {epoch + 1}/{job.epochs} {parts}")
+            if self.after_epoch is not None:
+                self.after_epoch(job, epoch, stats)
 
         return fit(
             job.student,
@@ -164,6 +170,10 @@ def _checkpoint_classes_match(payload: dict[str, Any], task: Task, upto: int) ->
         )
 
 
+# Settings that change how a run executes, not what it computes: a resumed run may change them.
+RUNTIME_KEYS = {"device", "threads", "train.num_workers"}
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
         return {prefix.rstrip("."): tree}
@@ -203,17 +213,36 @@ class RunDir:
         if self.uri is None:
             return
         wanted = config_lib.to_dict(cfg)
-        if self.exists("config.yaml"):
-            existing = yaml.safe_load(self.read_text("config.yaml"))
-            if existing != wanted:
-                theirs, ours = _flatten(existing), _flatten(wanted)
-                diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-                raise ValueError(
-                    f"run directory {self.uri} holds another run's config (differs in: {', '.join(diff)}); "
-                    "use a new run directory or the same config"
-                )
-        else:
-            self.write_text("config.yaml", yaml.safe_dump(wanted, sort_keys=False))
+        try:
+            existing = yaml.safe_load(self.read_text("config.yaml")) if self.exists("config.yaml") else None
+            if existing is None:
+                self.write_text("config.yaml", yaml.safe_dump(wanted, sort_keys=False))
+                return
+        except (OSError, PermissionError) as err:
+            raise OSError(f"run directory {self.uri} is not reachable or not writable: {err}") from err
+        theirs, ours = _flatten(existing), _flatten(wanted)
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k) and k not in RUNTIME_KEYS)
+        if diff:
+            raise ValueError(
+                f"run directory {self.uri} holds another run's config (differs in: {', '.join(diff)}); "
+                "use a new run directory or the same config"
+            )
+
+
+def preflight(cfg: Config, run_dir: str | None) -> Task:
+    """Every check that can fail before work starts: config, run directory, base checkpoint, data.
+
+    Raises ValueError / FileNotFoundError / OSError with a message naming the culprit; writes only the
+    run directory's config.yaml (when the directory is new).
+    """
+    config_lib.validate(cfg)
+    task = task_of(cfg)
+    RunDir(run_dir).claim(cfg)
+    if cfg.train.init_checkpoint and not cfg.method.joint:
+        _, payload = load_checkpoint(cfg.train.init_checkpoint)
+        _checkpoint_classes_match(payload, task, 0)
+    sources_of(cfg)
+    return task
 
 
 def run(

@@ -1,0 +1,1 @@
+"""Ray layer: distributed synthesis and training."""

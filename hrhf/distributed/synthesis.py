@@ -1,0 +1,232 @@
+"""Synthesis on Ray: a pool of SegInversion actors, one shard of targets per task.
+
+Finished shards go to a ``ShardStore`` (local directory or object store, resumable) or come back
+through Ray's object store. A shard whose actor dies is retried, by Ray on the restarted actor and
+then here on a fresh one.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayActorError  # base of ActorDiedError and ActorUnavailableError
+from torch import nn
+
+from hrhf.config import Config, InversionConfig
+from hrhf.inversion import SegInversion, SyntheticSet, Target
+from hrhf.models import build_model, num_outputs, write_bytes_atomic
+from hrhf.shards import ShardStore, make_shards, to_table
+
+# A directory of files named by shard id, each holding how many more times a worker should exit
+# when it starts that shard: fault injection for recovery tests.
+FAULT_DIR_ENV = "HRHF_SYNTHESIS_FAULTS"
+
+Shard = tuple[str, list[Target]]
+
+
+def model_id(model: nn.Module) -> str:
+    """First 12 hex digits of the sha256 of a model's state dict (names and tensor bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def teacher_spec(teacher: nn.Module, cfg: Config) -> dict[str, Any]:
+    """What an actor needs to rebuild the teacher: architecture from the config, weights on CPU."""
+    return {
+        "name": cfg.model.name,
+        "width": cfg.model.width,
+        "num_outputs": num_outputs(teacher),
+        "state_dict": {k: v.detach().cpu() for k, v in teacher.state_dict().items()},
+    }
+
+
+def _inject_fault(shard_id: str) -> None:
+    directory = os.environ.get(FAULT_DIR_ENV)
+    path = os.path.join(directory, shard_id) if directory else None
+    if path is None or not os.path.exists(path):
+        return
+    with open(path) as f:
+        remaining = int(f.read().strip() or 0)
+    if remaining > 0:
+        write_bytes_atomic(path, str(remaining - 1).encode())
+        os._exit(1)
+
+
+@ray.remote
+class SynthesisActor:
+    """Holds a SegInversion of the teacher and inverts one shard of targets per call."""
+
+    def __init__(
+        self, teacher: dict[str, Any], cfg: InversionConfig, image_size: int, device: str, torch_threads: int
+    ) -> None:
+        torch.set_num_threads(torch_threads)
+        model = build_model(teacher["name"], teacher["num_outputs"], teacher["width"])
+        model.load_state_dict(teacher["state_dict"])
+        self.inverter = SegInversion(model, cfg, image_size, device)
+
+    def run_shard(
+        self,
+        shard_id: str,
+        targets: list[Target],
+        step: int,
+        model_id: str,
+        store_uri: str | None = None,
+        storage_options: dict | None = None,
+    ) -> SyntheticSet | dict[str, Any]:
+        """Invert the targets; write them as a shard and return a summary, or return the set itself."""
+        _inject_fault(shard_id)
+        synthetic = self.inverter.invert(targets)
+        if store_uri is None:
+            return synthetic
+        ShardStore(store_uri, storage_options).write_shard(shard_id, to_table(synthetic, model_id, step, shard_id))
+        return {"shard_id": shard_id, "rows": len(synthetic)}
+
+
+def check_seeds(synthetic: SyntheticSet, seeds: list[int]) -> None:
+    """Raise unless the set holds exactly one image per target seed, in target order."""
+    got = [m["seed"] for m in synthetic.meta]
+    if got == seeds:
+        return
+    counts = collections.Counter(got)
+    missing = [s for s in seeds if counts[s] == 0]
+    repeated = sorted(s for s, n in counts.items() if n > 1)
+    unknown = sorted(set(got) - set(seeds))
+    problem = f"missing seeds {missing[:5]}, repeated {repeated[:5]}, unknown {unknown[:5]}"
+    if not (missing or repeated or unknown):
+        problem = "seeds out of target order"
+    raise RuntimeError(f"synthesis returned {len(got)} images for {len(seeds)} targets: {problem}")
+
+
+class RaySynthesizer:
+    """Synthesizer that spreads shards of targets over a pool of Ray actors."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        num_actors: int = 2,
+        cpus_per_actor: float = 1.0,
+        use_gpu: bool = False,
+        store_uri: str | None = None,
+        storage_options: dict | None = None,
+        shard_size: int = 16,
+        log: Callable[[str], None] = print,
+        max_retries: int = 3,
+    ) -> None:
+        if num_actors < 1:
+            raise ValueError(f"num_actors must be at least 1, got {num_actors}")
+        self.cfg = cfg
+        self.num_actors = num_actors
+        self.cpus_per_actor = cpus_per_actor
+        self.use_gpu = use_gpu
+        self.store_uri = store_uri
+        self.storage_options = storage_options
+        self.shard_size = shard_size
+        self.log = log
+        self.max_retries = max_retries
+        self.store = ShardStore(store_uri, storage_options) if store_uri else None
+        if self.store is not None:
+            self.store.check_access()  # fail before any work, not after the first step has trained
+
+    def synthesize(self, teacher: nn.Module, targets: list[Target], step: int) -> SyntheticSet:
+        """Invert every target on the actor pool; the result is in target order."""
+        seeds = [t.seed for t in targets]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("target seeds must be unique: a seed identifies a synthetic image")
+        shards = make_shards(targets, self.shard_size, step)
+        teacher_id = model_id(teacher)
+        todo = self._unfinished(shards, teacher_id, step)
+        results = self._run(teacher, todo, step, teacher_id, finished=len(shards) - len(todo), total=len(shards))
+        if self.store is not None:
+            synthetic = self.store.read_all([shard_id for shard_id, _ in shards])
+        else:
+            synthetic = SyntheticSet.concat([results[shard_id] for shard_id, _ in shards])
+        check_seeds(synthetic, seeds)
+        return synthetic
+
+    def _unfinished(self, shards: list[Shard], teacher_id: str, step: int) -> list[Shard]:
+        if self.store is None:
+            return shards
+        manifest = self.store.manifest()
+        todo = []
+        for shard_id, shard_targets in shards:
+            entry = manifest.get(shard_id)
+            if entry is None:
+                todo.append((shard_id, shard_targets))
+            elif entry["model_id"] != teacher_id or entry["seeds"] != [t.seed for t in shard_targets]:
+                self.log(f"[step {step}] shard {shard_id} in {self.store.uri} was made from another teacher "
+                         "or other targets; redoing it")
+                todo.append((shard_id, shard_targets))
+        found = len(shards) - len(todo)
+        if found:
+            self.log(f"[step {step}] synthesis: {found}/{len(shards)} shards found in {self.store.uri}, not recomputed")
+        return todo
+
+    def _run(
+        self, teacher: nn.Module, todo: list[Shard], step: int, teacher_id: str, finished: int, total: int
+    ) -> dict[str, Any]:
+        if not todo:
+            return {}
+        spec = ray.put(teacher_spec(teacher, self.cfg))
+        device = "cuda" if self.use_gpu else "cpu"
+        options = dict(
+            num_cpus=self.cpus_per_actor, num_gpus=1 if self.use_gpu else 0, max_restarts=2, max_task_retries=2
+        )
+
+        def new_actor() -> ray.actor.ActorHandle:
+            return SynthesisActor.options(**options).remote(
+                spec, self.cfg.inversion, self.cfg.data.image_size, device, max(1, int(self.cpus_per_actor))
+            )
+
+        actors = [new_actor() for _ in range(min(self.num_actors, len(todo)))]
+        idle = list(actors)
+        pending = collections.deque(todo)
+        running: dict[ray.ObjectRef, tuple[ray.actor.ActorHandle, str, list[Target]]] = {}
+        failures: collections.Counter[str] = collections.Counter()
+        results: dict[str, Any] = {}
+        images, start = 0, time.perf_counter()
+        try:
+            while pending or running:
+                while idle and pending:
+                    actor = idle.pop()
+                    shard_id, shard_targets = pending.popleft()
+                    ref = actor.run_shard.remote(
+                        shard_id, shard_targets, step, teacher_id, self.store_uri, self.storage_options
+                    )
+                    running[ref] = (actor, shard_id, shard_targets)
+                [ref], _ = ray.wait(list(running), num_returns=1)
+                actor, shard_id, shard_targets = running.pop(ref)
+                try:
+                    results[shard_id] = ray.get(ref)
+                except RayActorError as err:
+                    failures[shard_id] += 1
+                    if err.actor_init_failed or failures[shard_id] > self.max_retries:
+                        raise RuntimeError(f"[step {step}] synthesis of shard {shard_id} failed: {err}") from err
+                    self.log(f"[step {step}] shard {shard_id} lost its actor ({type(err).__name__}); "
+                             f"retry {failures[shard_id]}/{self.max_retries} on a new actor")
+                    ray.kill(actor)
+                    actors.remove(actor)
+                    replacement = new_actor()
+                    actors.append(replacement)
+                    idle.insert(0, replacement)  # a live idle actor, if any, takes the retried shard first
+                    pending.appendleft((shard_id, shard_targets))
+                    continue
+                idle.append(actor)
+                images += len(shard_targets)
+                rate = images / max(time.perf_counter() - start, 1e-9)
+                done = finished + len(results)
+                self.log(f"[step {step}] synthesis shards {done}/{total}, {images} images, {rate:.1f} img/s")
+        finally:
+            # Live actors hold their CPUs, and Ray Data waits forever for CPUs that never free up.
+            for actor in actors:
+                ray.kill(actor)
+        return results
