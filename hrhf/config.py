@@ -43,7 +43,7 @@ class TrainConfig:
     """Optimisation of each step."""
 
     epochs_base: int = 24
-    epochs_step: int = 12
+    epochs_step: int = 20
     batch_size: int = 32
     lr_base: float = 0.05
     lr_step: float = 0.01
@@ -60,11 +60,11 @@ class TrainConfig:
 class InversionConfig:
     """SegInversion with Scale-Aware Aggregation (DESIGN 2.1-2.2)."""
 
-    iterations: int = 200
+    iterations: int = 100
     lr: float = 0.1
     batch_size: int = 64
     scales: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4, 0.6])
-    images_per_scale: int = 8  # seeds per (class, scale) target
+    images_per_scale: int = 4  # seeds per (class, scale) target
     aggregation: str = "saa"  # saa | gap | gmp
     w_bn: float = 0.05
     first_bn_mult: float = 10.0

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from typing import Any
 
 import fsspec
@@ -13,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import segmentation as tv_seg
+
+from hrhf.storage import write_bytes_atomic
 
 CHECKPOINT_FORMAT = "hrhf-checkpoint-1"
 
@@ -183,28 +183,6 @@ def save_checkpoint(
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     write_bytes_atomic(uri, buffer.getvalue())
-
-
-def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write a whole file so that readers see either nothing or all of it.
-
-    Locally: temporary file + rename. On object stores: one PUT of the final key, which is atomic.
-    """
-    fs, path = fsspec.core.url_to_fs(uri)
-    if fs.protocol in ("file", "local") or "file" in fs.protocol:
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-    else:
-        fs.pipe_file(path, data)
 
 
 def load_checkpoint(uri: str, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -25,7 +25,8 @@ from hrhf.data import build_step_datasets, make_source
 from hrhf.data.transforms import eval_transform, train_transform
 from hrhf.inversion import SegInversion, SyntheticSet, Target, make_targets
 from hrhf.metrics import summarize
-from hrhf.models import build_model, load_checkpoint, save_checkpoint, widen_classifier, write_bytes_atomic
+from hrhf.models import build_model, load_checkpoint, save_checkpoint, widen_classifier
+from hrhf.storage import write_bytes_atomic
 from hrhf.report import markdown_report
 from hrhf.tasks import Task, make_task
 from hrhf.train import evaluate, fit

@@ -26,7 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from hrhf.inversion import SyntheticSet, Target
-from hrhf.models import write_bytes_atomic
+from hrhf.storage import write_bytes_atomic
 
 SCHEMA = pa.schema(
     [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import fsspec
 import pyarrow.fs
@@ -23,3 +24,25 @@ def pyarrow_filesystem(uri: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
         return os.path.abspath(uri.removeprefix("file://")), None
     fs, path = fsspec.core.url_to_fs(uri)
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write a whole file so that readers see either nothing or all of it.
+
+    Locally: temporary file + rename. On object stores: one PUT of the final key, which is atomic.
+    """
+    fs, path = fsspec.core.url_to_fs(uri)
+    if is_local(uri):
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+    else:
+        fs.pipe_file(path, data)

@@ -21,7 +21,8 @@ from torch import nn
 
 from hrhf.config import Config, InversionConfig
 from hrhf.inversion import SegInversion, SyntheticSet, Target
-from hrhf.models import build_model, num_outputs, write_bytes_atomic
+from hrhf.models import build_model, num_outputs
+from hrhf.storage import write_bytes_atomic
 from hrhf.shards import ShardStore, make_shards, to_table
 
 # A directory of files named by shard id, each holding how many more times a worker should exit

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -101,9 +102,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         generator = torch.Generator().manual_seed(seed)
         real_batches = _real_batches(real, config["batch_size"], config["drop_last"], seed, generator)
         batches = mixed_batches(real_batches, fake, method.fake_ratio, generator)
+        epoch_start, first_it = time.perf_counter(), it
         it, stats = train_steps(student, teacher, batches, optimizer, lr_at, it, method, config["n_old"],
                                 str(device), config["freeze_bn"], config["clip_grad"])
-        metrics = {"epoch": epoch, "iteration": it, **stats}
+        seconds = time.perf_counter() - epoch_start
+        metrics = {"epoch": epoch, "iteration": it, **stats, "seconds_per_step": seconds / max(1, it - first_it)}
         history.append(metrics)
         if rank == 0:
             state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
@@ -147,6 +150,7 @@ class RayTrainer:
         self.max_failures = max_failures
         self.log = log
         self.train_loop = train_loop
+        self.history: list[dict[str, float]] = []  # per-epoch metrics of the last step trained
 
     def train(self, job: StepJob) -> nn.Module:
         """Fit ``job.student`` on the Ray cluster and return it with the last checkpoint's weights."""
@@ -217,7 +221,8 @@ class RayTrainer:
             raise RuntimeError(f"[step {job.step}] Ray training ended without a checkpoint")
         state = load_train_state(result.checkpoint)
         job.student.load_state_dict(state["model"])
-        for metrics in state["history"]:
+        self.history = state["history"]
+        for metrics in self.history:
             parts = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "iteration"))
             self.log(f"[step {job.step}] epoch {metrics['epoch'] + 1}/{job.epochs} {parts}")
         return job.student

@@ -21,7 +21,7 @@ from ray.tune.search import BasicVariantGenerator
 from hrhf import config as config_lib
 from hrhf.config import Config
 from hrhf.metrics import summarize
-from hrhf.models import write_bytes_atomic
+from hrhf.storage import write_bytes_atomic
 from hrhf.pipeline import LocalTrainer, StepJob, run, sources_of, step_datasets, task_of
 from hrhf.train import evaluate
 

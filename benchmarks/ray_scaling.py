@@ -1,0 +1,141 @@
+"""What Ray costs and what it buys, measured side by side in one run on this machine.
+
+    python benchmarks/ray_scaling.py                    # job on the default preset (minutes)
+    python benchmarks/ray_scaling.py --job-preset smoke  # quicker
+
+1. Wall time of jobs/incremental.py submitted with `ray job submit` to a local `ray start --head`
+   cluster vs the same config run in-process (`--in-process`), ratio ray / in-process.
+2. SegInversion images/s through the actor pool with 1 and with 2 actors of one CPU each, ratio.
+3. DDP step time of the Ray Train trainer with 1 and with 2 workers of one CPU each (same global batch),
+   ratio 1 worker / 2 workers (the speed-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_wall_times(preset: str, workdir: Path) -> dict[str, float]:
+    """Seconds for the job through `ray job submit` and in-process, same config and machine."""
+    job = [sys.executable, "jobs/incremental.py", "--preset", preset]
+    start = time.perf_counter()
+    subprocess.run([*job, "--in-process", "--run-dir", str(workdir / "inprocess")], cwd=ROOT, check=True,
+                   capture_output=True)
+    in_process = time.perf_counter() - start
+    port, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    subprocess.run(["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                    "--dashboard-host=127.0.0.1", "--disable-usage-stats"], check=True, env=env, capture_output=True)
+    try:
+        start = time.perf_counter()
+        subprocess.run(
+            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT), "--",
+             *job, "--run-dir", str(workdir / "ray"), "--synthesis-actors", "2", "--train-workers", "2",
+             "--cpus-per-worker", "1"],
+            cwd=ROOT, check=True, env=env, capture_output=True,
+        )
+        on_ray = time.perf_counter() - start
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+    return {"job_inprocess_s": in_process, "job_ray_submit_s": on_ray, "job_ray_vs_inprocess": on_ray / in_process}
+
+
+def synthesis_rates() -> dict[str, float]:
+    """Images/s of the actor pool with 1 and 2 one-CPU actors on the same targets."""
+    import ray
+
+    from hrhf.config import load_config
+    from hrhf.distributed.synthesis import RaySynthesizer
+    from hrhf.inversion import make_targets
+    from hrhf.models import build_model
+
+    cfg = load_config(overrides=["inversion.iterations=40", "inversion.batch_size=16"])
+    teacher = build_model(cfg.model.name, 7, cfg.model.width)
+    targets = make_targets(list(range(1, 7)), [0.1, 0.4], 4, base_seed=0)
+    rates = {}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for actors in (1, 2):
+            synthesizer = RaySynthesizer(cfg, num_actors=actors, cpus_per_actor=1.0, shard_size=16, log=lambda _m: None)
+            synthesizer.synthesize(teacher, targets[:16], step=1)  # warm-up: actor start and first batch
+            start = time.perf_counter()
+            synthesizer.synthesize(teacher, targets, step=1)
+            rates[f"synthesis_img_per_s_{actors}_actor"] = len(targets) / (time.perf_counter() - start)
+    finally:
+        ray.shutdown()
+    rates["synthesis_2_vs_1_actors"] = rates["synthesis_img_per_s_2_actor"] / rates["synthesis_img_per_s_1_actor"]
+    return rates
+
+
+def ddp_step_times() -> dict[str, float]:
+    """Seconds per optimisation step of Ray Train with 1 and 2 one-CPU workers, same global batch."""
+    import copy
+
+    import ray
+
+    from hrhf.config import load_config
+    from hrhf.distributed.training import RayTrainer
+    from hrhf.models import build_model, widen_classifier
+    from hrhf.pipeline import StepJob, sources_of, step_datasets, task_of
+
+    cfg = load_config(method="mib", overrides=["data.train_size=600"])
+    task = task_of(cfg)
+    real, _ = step_datasets(cfg, task, 1, sources_of(cfg))
+    teacher = build_model(cfg.model.name, 7, cfg.model.width).eval()
+    times = {}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for workers in (1, 2):
+            student = widen_classifier(copy.deepcopy(teacher), 2)
+            job = StepJob(1, student, teacher, real, None, 6, 4, cfg.train.lr_step, cfg)
+            trainer = RayTrainer(num_workers=workers, cpus_per_worker=1.0, log=lambda _m: None)
+            trainer.train(job)
+            steps = [h["seconds_per_step"] for h in trainer.history[1:]]  # the first epoch warms up
+            times[f"ddp_s_per_step_{workers}_worker"] = statistics.mean(steps)
+    finally:
+        ray.shutdown()
+    times["ddp_speedup_2_workers"] = times["ddp_s_per_step_1_worker"] / times["ddp_s_per_step_2_worker"]
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the three measurements and print them; --json writes them too."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--job-preset", default="default", help="preset of the job timing (default: default)")
+    parser.add_argument("--skip-job", action="store_true", help="leave out the job wall-time comparison")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    figures: dict[str, float] = {}
+    figures.update(synthesis_rates())
+    figures.update(ddp_step_times())
+    if not args.skip_job:
+        with tempfile.TemporaryDirectory() as workdir:
+            figures.update(job_wall_times(args.job_preset, Path(workdir)))
+    print(f"Command: `python benchmarks/ray_scaling.py {' '.join(argv if argv is not None else sys.argv[1:])}`".strip())
+    print("\n| figure | value |\n|---|---|")
+    for key, value in figures.items():
+        print(f"| {key} | {value:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
