@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
 
 
 def _free_port() -> int:
@@ -41,19 +42,19 @@ def job_wall_times(preset: str, workdir: Path) -> dict[str, float]:
     in_process = time.perf_counter() - start
     port, dashboard = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    subprocess.run(["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=2",
+    subprocess.run([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=2",
                     "--dashboard-host=127.0.0.1", "--disable-usage-stats"], check=True, env=env, capture_output=True)
     try:
         start = time.perf_counter()
         subprocess.run(
-            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT), "--",
+            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT), "--",
              *job, "--run-dir", str(workdir / "ray"), "--synthesis-actors", "2", "--train-workers", "2",
              "--cpus-per-worker", "1"],
             cwd=ROOT, check=True, env=env, capture_output=True,
         )
         on_ray = time.perf_counter() - start
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
     return {"job_inprocess_s": in_process, "job_ray_submit_s": on_ray, "job_ray_vs_inprocess": on_ray / in_process}
 
 

@@ -219,7 +219,7 @@ class RunDir:
             if existing is None:
                 self.write_text("config.yaml", yaml.safe_dump(wanted, sort_keys=False))
                 return
-        except (OSError, PermissionError) as err:
+        except Exception as err:  # botocore's connection errors are not OSErrors
             raise OSError(f"run directory {self.uri} is not reachable or not writable: {err}") from err
         theirs, ours = _flatten(existing), _flatten(wanted)
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k) and k not in RUNTIME_KEYS)

@@ -1,10 +1,14 @@
 """Shared test fixtures: a local S3 endpoint (moto) and free ports."""
 
+import os
 import socket
 import sys
 from pathlib import Path
 
 import pytest
+
+# The `ray` command of this interpreter's environment, also for Ray's own helpers that call `ray`.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
