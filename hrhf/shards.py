@@ -164,6 +164,8 @@ class ShardStore:
 
     def read_shard(self, shard_id: str) -> pa.Table:
         """A finished shard's rows, checked against the checksum in its marker."""
+        self.fs.invalidate_cache(self.marker_path(shard_id))  # written by another process since the last listing
+        self.fs.invalidate_cache(self.data_path(shard_id))
         try:
             marker = json.loads(self.fs.cat_file(self.marker_path(shard_id)))
         except FileNotFoundError as err:

@@ -52,4 +52,10 @@ def make_bucket(env: dict, name: str) -> None:
                  aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=name)
 
 
+def storage_options(env: dict) -> dict:
+    """s3fs options for the moto endpoint of ``s3_endpoint``."""
+    return {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
+            "client_kwargs": {"endpoint_url": env["AWS_ENDPOINT_URL"]}}
+
+
 PYTHON = sys.executable

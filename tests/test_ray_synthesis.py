@@ -1,12 +1,11 @@
 import os
-import socket
 
 import pytest
 import ray
 import s3fs
 import torch
-from moto.server import ThreadedMotoServer
 
+from conftest import storage_options
 from hrhf.config import Config, InversionConfig
 from hrhf.distributed.synthesis import FAULT_DIR_ENV, RaySynthesizer, model_id
 from hrhf.inversion import make_targets
@@ -112,21 +111,11 @@ def test_dead_actors_are_retried(faults, cfg, teacher, tmp_path):
     assert shard_files(tmp_path) == ["step3-00000.parquet", "step3-00001.parquet", "step3-00002.parquet"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3():
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+def s3(s3_endpoint):
+    options = storage_options(s3_endpoint)
     s3fs.S3FileSystem(**options).mkdir("hrhf-synth")
-    yield options
-    server.stop()
+    return options
 
 
 def test_s3_sink(faults, cfg, teacher, s3):

@@ -1,12 +1,11 @@
 import json
 import os
-import socket
 
 import pytest
 import s3fs
 import torch
-from moto.server import ThreadedMotoServer
 
+from conftest import storage_options
 from hrhf.inversion import SyntheticSet, make_targets
 from hrhf.shards import SCHEMA, ShardStore, from_table, make_shards, to_table
 
@@ -97,21 +96,11 @@ def test_check_access_on_unwritable_dir(tmp_path):
         ShardStore(str(blocker / "synth")).check_access()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3():
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+def s3(s3_endpoint):
+    options = storage_options(s3_endpoint)
     s3fs.S3FileSystem(**options).mkdir("hrhf-test")
-    yield options
-    server.stop()
+    return options
 
 
 def test_s3_write_read_and_idempotent_overwrite(s3):
@@ -137,3 +126,11 @@ def test_s3_write_read_and_idempotent_overwrite(s3):
 def test_s3_missing_bucket_is_reported(s3):
     with pytest.raises(OSError, match="s3://no-such-bucket/synth"):
         ShardStore("s3://no-such-bucket/synth", s3).check_access()
+
+
+def test_s3_reader_sees_shards_written_after_its_listing(s3):
+    reader = ShardStore("s3://hrhf-test/late", s3)
+    assert reader.done() == set()  # lists (and caches) the empty prefix
+    table = to_table(fake_set([7, 8]), "m", 1, "step1-00000")
+    ShardStore("s3://hrhf-test/late", s3).write_shard("step1-00000", table)  # another process's writer
+    assert [m["seed"] for m in reader.read_all(["step1-00000"]).meta] == [7, 8]
