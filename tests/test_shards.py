@@ -129,8 +129,10 @@ def test_s3_missing_bucket_is_reported(s3):
 
 
 def test_s3_reader_sees_shards_written_after_its_listing(s3):
+    # separate file-system instances, as in separate processes (fsspec shares one per set of options)
+    writer = ShardStore("s3://hrhf-test/late", {**s3, "skip_instance_cache": True})
     reader = ShardStore("s3://hrhf-test/late", s3)
-    assert reader.done() == set()  # lists (and caches) the empty prefix
-    table = to_table(fake_set([7, 8]), "m", 1, "step1-00000")
-    ShardStore("s3://hrhf-test/late", s3).write_shard("step1-00000", table)  # another process's writer
-    assert [m["seed"] for m in reader.read_all(["step1-00000"]).meta] == [7, 8]
+    writer.write_shard("step1-00000", to_table(fake_set([5, 6]), "m", 1, "step1-00000"))
+    assert reader.done() == {"step1-00000"}  # lists, and caches, the markers folder
+    writer.write_shard("step2-00000", to_table(fake_set([7, 8]), "m", 2, "step2-00000"))
+    assert [m["seed"] for m in reader.read_all(["step2-00000"]).meta] == [7, 8]
