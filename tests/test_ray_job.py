@@ -82,7 +82,7 @@ def test_job_submit_with_run_dir_on_s3(ray_head, s3_endpoint):
     assert fs.glob("hrhf-runs/e2e/train/**/checkpoint*") or fs.glob("hrhf-runs/e2e/train/**")
     shards = fs.glob("hrhf-runs/e2e/synthetic/shards/*.parquet")
     assert shards
-    ray.init(address="auto")
+    ray.init(address="auto", runtime_env={"env_vars": s3_endpoint})  # the read tasks need the credentials too
     try:
         dataset = ray.data.read_parquet(shards, filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)))
         rows = dataset.count()
