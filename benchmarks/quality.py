@@ -80,7 +80,7 @@ def run_jobs(jobs: list, workers: int) -> list:
 
 def mean_std(values: list[float]) -> str:
     """'mean ± std' in percent over seeds (std 0 for a single seed)."""
-    values = [v for v in values if not math.isnan(v)]
+    values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return "-"
     std = statistics.stdev(values) if len(values) > 1 else 0.0

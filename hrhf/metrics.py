@@ -40,16 +40,16 @@ def class_iou(matrix: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
 
 
-def _nanmean(values: torch.Tensor) -> float:
+def _nanmean(values: torch.Tensor) -> float | None:
     values = values[~values.isnan()]
-    return float(values.mean()) if values.numel() else math.nan
+    return float(values.mean()) if values.numel() else None
 
 
 def summarize(matrix: torch.Tensor, old: Sequence[int], new: Sequence[int]) -> dict:
     """mIoU over background, old and new class indices, all seen classes (with background), and per class.
 
     Values are fractions in [0, 1]; a class that never occurs in truth or prediction is left out of the
-    means (and reported as None per class).
+    means and reported as None, as is a mean over no class (old classes at step 0).
     """
     iou = class_iou(matrix)
     return summarize_iou([None if math.isnan(v) else float(v) for v in iou.tolist()], old, new)
@@ -60,7 +60,7 @@ def summarize_iou(per_class: Sequence[float | None], old: Sequence[int], new: Se
     iou = torch.tensor([math.nan if v is None else v for v in per_class], dtype=torch.float64)
 
     def mean_of(indices: Sequence[int]) -> float:
-        return _nanmean(iou[torch.tensor(list(indices), dtype=torch.long)]) if len(indices) else math.nan
+        return _nanmean(iou[torch.tensor(list(indices), dtype=torch.long)]) if len(indices) else None
 
     return {
         "background": _nanmean(iou[:1]),

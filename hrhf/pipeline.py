@@ -27,7 +27,7 @@ from hrhf.inversion import SegInversion, SyntheticSet, Target, make_targets
 from hrhf.metrics import summarize
 from hrhf.models import build_model, load_checkpoint, save_checkpoint, widen_classifier
 from hrhf.storage import write_bytes_atomic
-from hrhf.report import markdown_report
+from hrhf.report import markdown_report, pct
 from hrhf.tasks import Task, make_task
 from hrhf.train import evaluate, fit
 
@@ -330,10 +330,7 @@ def run(
             "training_seconds": round(train_seconds, 3),
             "step_seconds": round(time.perf_counter() - start, 3),
         }
-        log(
-            f"[step {step}] mIoU old={metrics['old']:.3f} new={metrics['new']:.3f} all={metrics['all']:.3f} "
-            f"bg={metrics['background']:.3f}"
-        )
+        log(f"[step {step}] mIoU (%) " + " ".join(f"{k}={pct(metrics[k])}" for k in ("old", "new", "all", "background")))
         report["steps"].append(result)
         if rundir.uri is not None:
             save_checkpoint(rundir.path(ckpt_name), model, model_name=cfg.model.name, width=cfg.model.width,

@@ -42,3 +42,8 @@ def test_update_rejects_labels_beyond_classes():
         assert "3" in str(err)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_mean_over_no_class_is_none_not_nan():
+    s = summarize(torch.tensor([[3, 0], [0, 2]]), old=[], new=[1])
+    assert s["old"] is None and s["new"] == 1.0
