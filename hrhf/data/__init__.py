@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -24,7 +26,7 @@ def color_map(n: int) -> list[tuple[int, int, int]]:
     return colors
 
 
-class SegmentationSource(Dataset):
+class SegmentationSource(Dataset, abc.ABC):
     """A segmentation dataset in its original label space: 0 background, 1..N classes, 255 ignore."""
 
     name: str
@@ -32,24 +34,24 @@ class SegmentationSource(Dataset):
     class_names: list[str]
     palette: list[tuple[int, int, int]]
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
+    @abc.abstractmethod
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Image uint8 (3, H, W) and mask uint8 (H, W) of item i."""
-        raise NotImplementedError
 
     def load_mask(self, i: int) -> torch.Tensor:
         """Mask uint8 (H, W) of item i; subclasses skip decoding the image where they can."""
         return self.load(i)[1]
 
+    @abc.abstractmethod
     def item_id(self, i: int) -> str:
         """A stable name for item i."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def identity(self) -> dict:
         """What identifies this data, for keying cached splits."""
-        raise NotImplementedError
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.load(i)
