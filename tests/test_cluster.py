@@ -40,7 +40,12 @@ def fake_provider_config(worker_types: dict, head_resources: dict) -> dict:
     return {
         "cluster_name": "fake_multinode",
         "max_workers": 4,
-        "provider": {"type": "fake_multinode"},
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": types,
         "head_node_type": "ray.head.default",
@@ -96,7 +101,7 @@ def test_synthesis_demand_adds_nodes_that_leave_when_idle():
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         cfg = load_config("smoke", overrides=["inversion.iterations=30", "data.image_size=32"])
-        teacher = build_model("small", 4, width=4)
+        teacher = build_model("small", 4, width=cfg.model.width)
         targets = make_targets([1, 2, 3], [0.2, 0.5], 4, base_seed=0)
         # two actors of one CPU each cannot both fit on the one-CPU head: the autoscaler must add a node
         synthesizer = RaySynthesizer(cfg, num_actors=2, cpus_per_actor=1.0, shard_size=4, log=lambda _m: None)
