@@ -59,7 +59,7 @@ def job_wall_times(preset: str, workdir: Path) -> dict[str, float]:
 
 
 def synthesis_rates() -> dict[str, float]:
-    """Images/s of the actor pool with 1 and 2 one-CPU actors on the same targets."""
+    """Images/s of the actor pool with 1 and 2 one-CPU actors on the same 12 shards (actor start-up included)."""
     import ray
 
     from hrhf.config import load_config
@@ -69,13 +69,13 @@ def synthesis_rates() -> dict[str, float]:
 
     cfg = load_config(overrides=["inversion.iterations=40", "inversion.batch_size=16"])
     teacher = build_model(cfg.model.name, 7, cfg.model.width)
-    targets = make_targets(list(range(1, 7)), [0.1, 0.4], 4, base_seed=0)
+    targets = make_targets(list(range(1, 7)), [0.1, 0.4], 8, base_seed=0)
     rates = {}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for actors in (1, 2):
-            synthesizer = RaySynthesizer(cfg, num_actors=actors, cpus_per_actor=1.0, shard_size=16, log=lambda _m: None)
-            synthesizer.synthesize(teacher, targets[:16], step=1)  # warm-up: actor start and first batch
+            synthesizer = RaySynthesizer(cfg, num_actors=actors, cpus_per_actor=1.0, shard_size=8, log=lambda _m: None)
+            synthesizer.synthesize(teacher, targets[:8], step=1)  # warm-up: imports and first batch in the workers
             start = time.perf_counter()
             synthesizer.synthesize(teacher, targets, step=1)
             rates[f"synthesis_img_per_s_{actors}_actor"] = len(targets) / (time.perf_counter() - start)
