@@ -142,11 +142,13 @@ def write_results(rows: list[dict[str, Any]], best: Config, out_uri: str) -> Non
     writer.writerows(rows)
     write_bytes_atomic(f"{out_uri}/results.csv", buffer.getvalue().encode())
 
-    def cell(value: Any) -> str:
-        return f"{100 * value:.1f}" if isinstance(value, float) and 0 <= value <= 1 and not isinstance(value, bool) else str(value)
+    def cell(column: str, value: Any) -> str:
+        if column in ("old", "new", "all") and isinstance(value, float):
+            return f"{100 * value:.1f}"
+        return str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(c, r[c]) for c in columns) + " |" for r in rows]
     note = f"Sweep results, best first (mIoU in percent after step 1, objective: {OBJECTIVE}).\n\n"
     write_bytes_atomic(f"{out_uri}/results.md", (note + "\n".join(lines) + "\n").encode())
     write_bytes_atomic(f"{out_uri}/best_config.yaml", yaml.safe_dump(config_lib.to_dict(best), sort_keys=False).encode())
