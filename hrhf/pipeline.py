@@ -97,7 +97,6 @@ class LocalTrainer:
     def train(self, job: StepJob) -> nn.Module:
         """Fit the student for the step's epochs."""
         cfg = job.cfg
-        incremental = job.teacher is not None
 
         def on_epoch(epoch: int, stats: dict[str, float]) -> None:
             parts = " ".join(f"{k}={v:.4f}" for k, v in stats.items())
@@ -119,11 +118,18 @@ class LocalTrainer:
             seed=cfg.seed * 100 + job.step,
             num_workers=cfg.train.num_workers,
             device=cfg.device,
-            freeze_bn=cfg.train.freeze_bn and incremental,
-            clip_grad=cfg.train.clip_grad if incremental else 0.0,
-            head_lr_mult=cfg.train.head_lr_mult if incremental else 1.0,
+            **step_train_options(cfg, incremental=job.teacher is not None),
             on_epoch=on_epoch,
         )
+
+
+def step_train_options(cfg: Config, incremental: bool) -> dict[str, float | bool]:
+    """Options that apply from step 1 on (the classifier was just widened); step 0 and joint train plainly."""
+    return {
+        "freeze_bn": cfg.train.freeze_bn and incremental,
+        "clip_grad": cfg.train.clip_grad if incremental else 0.0,
+        "head_lr_mult": cfg.train.head_lr_mult if incremental else 1.0,
+    }
 
 
 def task_of(cfg: Config) -> Task:

@@ -14,6 +14,11 @@ def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (Ray workers may run in another directory); URIs unchanged, no trailing slash."""
+    return uri.rstrip("/") if not is_local(uri) else os.path.abspath(uri.removeprefix("file://"))
+
+
 def pyarrow_filesystem(uri: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
     """(path, filesystem) for libraries that take pyarrow file systems (Ray Train, Tune, Ray Data).
 

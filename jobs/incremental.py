@@ -13,16 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from hrhf.cli import add_config_arguments, config_from_args
 from hrhf.pipeline import preflight, run
 from hrhf.report import markdown_report
-
-
-def absolute_uri(uri: str) -> str:
-    """A local path made absolute (Ray workers may run elsewhere); URIs unchanged."""
-    return uri.rstrip("/") if "://" in uri else str(Path(uri).resolve())
+from hrhf.storage import absolute_uri
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,10 +19,7 @@ import ray
 
 from hrhf.cli import add_config_arguments, config_from_args
 from hrhf.pipeline import run
-
-
-def _absolute(uri: str) -> str:
-    return uri if "://" in uri else str(Path(uri).resolve())
+from hrhf.storage import absolute_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     from hrhf.distributed.tuning import base_dict, results_table, sweep, trial_config, write_results
 
-    run_dir = _absolute(args.run_dir.rstrip("/"))
+    run_dir = absolute_uri(args.run_dir)
     ray.init(address=args.address, log_to_driver=False)
     base = args.base_checkpoint
     if base is None:

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from hrhf.inversion import SyntheticSet
 from hrhf.models import build_model, num_outputs
-from hrhf.pipeline import Log, StepJob
+from hrhf.pipeline import Log, StepJob, step_train_options
 from hrhf.train import cosine_lr, make_optimizer, mixed_batches, train_steps
 
 STATE_FILE = "state.pt"
@@ -165,7 +165,6 @@ class RayTrainer:
         batch_size = max(1, cfg.train.batch_size // self.num_workers)
         rows = len(job.real) // self.num_workers  # streaming_split(equal=True) gives every worker as many
         drop_last = rows > batch_size
-        incremental = job.teacher is not None  # as in LocalTrainer, these options apply from step 1 on
         return {
             "model": {"name": cfg.model.name, "width": cfg.model.width, "num_outputs": num_outputs(job.student)},
             "student_state": _cpu_state(job.student),
@@ -180,9 +179,7 @@ class RayTrainer:
             "batch_size": batch_size,
             "drop_last": drop_last,
             "iters_per_epoch": rows // batch_size if drop_last else math.ceil(rows / batch_size),
-            "freeze_bn": cfg.train.freeze_bn and incremental,
-            "clip_grad": cfg.train.clip_grad if incremental else 0.0,
-            "head_lr_mult": cfg.train.head_lr_mult if incremental else 1.0,
+            **step_train_options(cfg, incremental=job.teacher is not None),
             "seed": cfg.seed * 100 + job.step,
             "threads": max(1, int(self.cpus_per_worker)),
         }
