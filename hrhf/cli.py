@@ -1,4 +1,4 @@
-"""Command-line parsing shared by the jobs and benchmarks: preset, method, YAML file and overrides."""
+"""Command-line parsing shared by the jobs and benchmarks: preset, method, YAML file, overrides, progress output."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 
 from hrhf.config import PRESETS, Config, load_config
 from hrhf.methods import METHODS
+from hrhf.progress import FORMATS, Progress
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -23,3 +24,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 def config_from_args(args: argparse.Namespace) -> Config:
     """Build the config the parsed arguments describe."""
     return load_config(args.preset, args.config, args.overrides, method=args.method)
+
+
+def add_progress_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add --quiet and --log-format to a parser."""
+    parser.add_argument("--quiet", action="store_true", help="print no progress, only errors and the final report")
+    parser.add_argument("--log-format", choices=FORMATS, default="text",
+                        help="progress lines as text or as one JSON object per line (the report then as a JSON record)")
+    return parser
+
+
+def progress_from_args(args: argparse.Namespace) -> Progress:
+    """The progress reporter the parsed arguments ask for."""
+    return Progress(args.log_format, quiet=args.quiet)

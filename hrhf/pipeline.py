@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,12 +27,14 @@ from hrhf.data.transforms import eval_transform, train_transform
 from hrhf.inversion import SegInversion, SyntheticSet, Target, make_targets
 from hrhf.metrics import summarize
 from hrhf.models import build_model, load_checkpoint, save_checkpoint, widen_classifier
+from hrhf.plots import gallery_png, miou_per_step_png, per_class_iou_png
+from hrhf.progress import as_progress
+from hrhf.report import References, gallery_name, html_report, markdown_report, references_of
 from hrhf.storage import write_bytes_atomic
-from hrhf.report import markdown_report, pct
 from hrhf.tasks import Task, make_task
 from hrhf.train import evaluate, fit
 
-Log = Callable[[str], None]
+Log = Callable[[str], None]  # a plain log function, or a hrhf.progress.Progress for structured events
 
 
 @dataclass
@@ -70,15 +73,16 @@ class LocalSynthesizer:
 
     def __init__(self, cfg: Config, log: Log = print) -> None:
         self.cfg = cfg
-        self.log = log
+        self.log = as_progress(log)
 
     def synthesize(self, teacher: nn.Module, targets: list[Target], step: int) -> SyntheticSet:
         """Invert all targets in this process, batch by batch."""
         start = time.perf_counter()
+        self.log.event("synthesis", step, done=0, total=len(targets), unit="images")
 
         def progress(done: int, total: int) -> None:
             rate = done / max(time.perf_counter() - start, 1e-9)
-            self.log(f"[step {step}] synthesis {done}/{total} images ({rate:.1f} img/s)")
+            self.log.event("synthesis", step, done=done, total=total, unit="images", images_per_s=round(rate, 2))
 
         with SegInversion(teacher, self.cfg.inversion, self.cfg.data.image_size, self.cfg.device) as inverter:
             return inverter.invert(targets, on_batch=progress)
@@ -91,7 +95,7 @@ class LocalTrainer:
     """In-process training with the plain loop of hrhf.train; ``after_epoch(job, epoch, stats)`` is called per epoch."""
 
     def __init__(self, log: Log = print, after_epoch: EpochHook | None = None) -> None:
-        self.log = log
+        self.log = as_progress(log)
         self.after_epoch = after_epoch
 
     def train(self, job: StepJob) -> nn.Module:
@@ -99,8 +103,7 @@ class LocalTrainer:
         cfg = job.cfg
 
         def on_epoch(epoch: int, stats: dict[str, float]) -> None:
-            parts = " ".join(f"{k}={v:.4f}" for k, v in stats.items())
-            self.log(f"[step {job.step}] epoch {epoch + 1}/{job.epochs} {parts}")
+            self.log.event("training", job.step, done=epoch + 1, total=job.epochs, unit="epoch", **stats)
             if self.after_epoch is not None:
                 self.after_epoch(job, epoch, stats)
 
@@ -210,10 +213,19 @@ class RunDir:
         with fsspec.open(self.path(name), "r") as f:
             return f.read()
 
+    def read_bytes(self, name: str) -> bytes:
+        """Read a binary file of the run directory."""
+        with fsspec.open(self.path(name), "rb") as f:
+            return f.read()
+
     def write_text(self, name: str, text: str) -> None:
         """Atomically write a text file of the run directory."""
+        self.write_bytes(name, text.encode())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Atomically write a binary file of the run directory (nothing without a run directory)."""
         if self.uri is not None:
-            write_bytes_atomic(self.path(name), text.encode())
+            write_bytes_atomic(self.path(name), data)
 
     def claim(self, cfg: Config) -> None:
         """Record the config, or check that an existing run directory holds the same one."""
@@ -263,8 +275,10 @@ def run(
 ) -> dict[str, Any]:
     """Run the steps of the configured protocol (``first_step`` to ``last_step``) and return the report.
 
-    With a ``run_dir``, each finished step is checkpointed there and a rerun resumes after it. Only joint
-    training, whose steps are independent, may start after step 0.
+    With a ``run_dir``, each finished step is checkpointed there and a rerun resumes after it; the run
+    directory also receives each synthesis step's gallery and, at the end, the report files
+    (``write_report``). Only joint training, whose steps are independent, may start after step 0.
+    ``log`` is a plain log function or a ``Progress`` receiving structured events.
     """
     config_lib.validate(cfg)
     if first_step and not cfg.method.joint:
@@ -274,10 +288,11 @@ def run(
     task = task_of(cfg)
     rundir = RunDir(run_dir)
     rundir.claim(cfg)
-    synthesizer = synthesizer or LocalSynthesizer(cfg, log)
-    trainer = trainer or LocalTrainer(log)
+    progress = as_progress(log)
+    synthesizer = synthesizer or LocalSynthesizer(cfg, progress)
+    trainer = trainer or LocalTrainer(progress)
     sources = sources_of(cfg)
-    names = sources[0].class_names
+    names, palette = sources[0].class_names, sources[0].palette
     report: dict[str, Any] = {"task": {"dataset": task.dataset, "protocol": task.name, "overlap": task.overlap,
                                        "steps": [list(s) for s in task.steps]},
                               "method": cfg.method.name, "config": config_lib.to_dict(cfg), "steps": []}
@@ -288,7 +303,7 @@ def run(
             model, payload = load_checkpoint(rundir.path(ckpt_name), cfg.device)
             _checkpoint_classes_match(payload, task, step)
             report["steps"].append(payload["extra"]["result"])
-            log(f"[step {step}] found {ckpt_name} in the run directory, not recomputed")
+            progress.event("run", step, f"found {ckpt_name} in the run directory, not recomputed")
             continue
         torch.manual_seed(cfg.seed * 100 + step)
         real, val = step_datasets(cfg, task, step, sources)
@@ -300,7 +315,7 @@ def run(
             if step == 0 and cfg.train.init_checkpoint and not cfg.method.joint:
                 model, payload = load_checkpoint(cfg.train.init_checkpoint, cfg.device)
                 _checkpoint_classes_match(payload, task, 0)
-                log(f"[step 0] starting from {cfg.train.init_checkpoint}")
+                progress.event("training", 0, f"starting from {cfg.train.init_checkpoint}")
                 student = None
             else:
                 student = build_model(cfg.model.name, n_seen + 1, cfg.model.width, cfg.model.backbone_weights)
@@ -316,10 +331,12 @@ def run(
                 synth_seconds = time.perf_counter() - synth_start
         train_start = time.perf_counter()
         if student is not None:
-            log(f"[step {step}] training on {len(real)} real" + (f" + {len(fake)} synthetic" if fake else "") + " images")
+            progress.event("training", step, done=0, total=epochs, unit="epoch", real_images=len(real),
+                           synthetic_images=len(fake) if fake else 0)
             job = StepJob(step, student, teacher, real, fake, n_old_loss, epochs, lr, cfg)
             model = trainer.train(job)
         train_seconds = time.perf_counter() - train_start
+        progress.event("evaluation", step, f"on {len(val)} validation images")
         matrix = evaluate(model, val, n_seen + 1, batch_size=cfg.train.batch_size if cfg.data.dataset == "shapes" else 1,
                           device=cfg.device)
         metrics = summarize(matrix, task.old_indices(step), task.new_indices(step))
@@ -336,16 +353,51 @@ def run(
             "training_seconds": round(train_seconds, 3),
             "step_seconds": round(time.perf_counter() - start, 3),
         }
-        log(f"[step {step}] mIoU (%) " + " ".join(f"{k}={pct(metrics[k])}" for k in ("old", "new", "all", "background")))
+        progress.event("evaluation", step, "mIoU (%)",
+                       **{k: _percent(metrics[k]) for k in ("old", "new", "all", "background")})
         report["steps"].append(result)
+        if rundir.uri is not None and fake:
+            classes = task.old_classes(step)
+            rundir.write_bytes(gallery_name(step), gallery_png(
+                fake, ["background", *(names[c] for c in classes)], [palette[0], *(palette[c] for c in classes)],
+                title=f"Step {step}: synthetic image | old model's label",
+            ))
         if rundir.uri is not None:
             save_checkpoint(rundir.path(ckpt_name), model, model_name=cfg.model.name, width=cfg.model.width,
                             classes=[list(task.steps[s]) for s in range(step + 1)], step=step,
                             config=config_lib.to_dict(cfg), extra={"result": json.loads(json.dumps(result))})
     if rundir.uri is not None:
-        rundir.write_text("report.json", json.dumps(report, indent=2))
-        rundir.write_text("report.md", markdown_report(report))
+        written = write_report(rundir, report)
+        progress.event("report", None, f"{', '.join(written)} written to {rundir.uri}")
     return report
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else round(100 * value, 1)
+
+
+def write_report(rundir: RunDir, report: dict[str, Any], references: References | None = None) -> list[str]:
+    """Write the plots, report.md, report.html and report.json; return the names written.
+
+    Galleries are not redrawn here: each synthesis step wrote its own, and those found in the run
+    directory are embedded (a step resumed from a run without one has none). ``references`` (or
+    ``report["references"]``) adds other methods' results as reference rows and curves.
+    """
+    if rundir.uri is None:
+        raise ValueError("write_report needs a run directory")
+    refs = references_of(report, references)
+    figures = {"miou_per_step.png": miou_per_step_png(report, refs), "per_class_iou.png": per_class_iou_png(report)}
+    written = list(figures)
+    for name, png in figures.items():
+        rundir.write_bytes(name, png)
+    for step in report["steps"]:
+        name = gallery_name(step["step"])
+        if step.get("num_fake") and rundir.exists(name):
+            figures[name] = rundir.read_bytes(name)
+    rundir.write_text("report.md", markdown_report(report, refs, figures=list(figures)))
+    rundir.write_text("report.html", html_report(report, figures, refs))
+    rundir.write_text("report.json", json.dumps(report, indent=2))  # last: the files it describes are in place first
+    return [*written, "report.md", "report.html", "report.json"]
 
 
 def synthesis_summary(fake: SyntheticSet | None) -> dict[str, float] | None:

@@ -5,7 +5,9 @@
     python jobs/incremental.py --in-process        # the same pipeline without Ray
 
 Re-running with the same --run-dir resumes: finished steps and synthetic shards are not recomputed.
-The run directory ends with report.json and report.md.
+The run directory ends with report.json, report.md, report.html (self-contained), the plots
+miou_per_step.png and per_class_iou.png, and a gallery-step-N.png of each step's synthetic images.
+Progress goes to stdout as text or, with --log-format json, as one JSON object per line.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import argparse
 import os
 import sys
 
-from hrhf.cli import add_config_arguments, config_from_args
+from hrhf.cli import add_config_arguments, add_progress_arguments, config_from_args, progress_from_args
 from hrhf.pipeline import preflight, run
+from hrhf.progress import Progress
 from hrhf.report import markdown_report
 from hrhf.storage import absolute_uri
 
@@ -35,11 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-failures", type=int, default=2, help="train worker failures to recover from")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray address (default: local Ray)")
     parser.add_argument("--in-process", action="store_true", help="run without Ray")
-    return parser
+    return add_progress_arguments(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Check everything, then run every step and print the Markdown report."""
+    """Check everything, then run every step and print the Markdown report (or its JSON record)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -51,15 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    progress = progress_from_args(args)
     if args.in_process:
-        report = run(cfg, run_dir=run_dir)
+        report = run(cfg, run_dir=run_dir, log=progress)
     else:
-        report = run_on_ray(cfg, run_dir, args)
-    print(markdown_report(report))
+        report = run_on_ray(cfg, run_dir, args, progress)
+    progress.final(report, markdown_report(report))
     return 0
 
 
-def run_on_ray(cfg, run_dir: str, args: argparse.Namespace) -> dict:
+def run_on_ray(cfg, run_dir: str, args: argparse.Namespace, progress: Progress) -> dict:
     """The pipeline with Ray actors for synthesis and Ray Train for distillation."""
     import ray
 
@@ -68,7 +72,8 @@ def run_on_ray(cfg, run_dir: str, args: argparse.Namespace) -> dict:
     from hrhf.storage import pyarrow_filesystem
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    ray.init(address=args.address, log_to_driver=True)
+    # Worker output would break JSON-only or quiet stdout; the progress events all come from this driver.
+    ray.init(address=args.address, log_to_driver=not (args.quiet or args.log_format == "json"))
     synthesizer = RaySynthesizer(
         cfg,
         num_actors=args.synthesis_actors,
@@ -76,6 +81,7 @@ def run_on_ray(cfg, run_dir: str, args: argparse.Namespace) -> dict:
         use_gpu=args.gpu,
         store_uri=f"{run_dir}/synthetic" if args.sink == "parquet" else None,
         shard_size=args.shard_size,
+        log=progress,
     )
     storage_path, storage_filesystem = pyarrow_filesystem(f"{run_dir}/train")
     trainer = RayTrainer(
@@ -85,8 +91,9 @@ def run_on_ray(cfg, run_dir: str, args: argparse.Namespace) -> dict:
         storage_path=storage_path,
         storage_filesystem=storage_filesystem,
         max_failures=args.max_failures,
+        log=progress,
     )
-    return run(cfg, run_dir=run_dir, synthesizer=synthesizer, trainer=trainer)
+    return run(cfg, run_dir=run_dir, synthesizer=synthesizer, trainer=trainer, log=progress)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
     python jobs/sweep.py --preset smoke --run-dir runs/sweep --num-samples 4    # local Ray
 
 The step-0 model is trained once (or given with --base-checkpoint); every trial then runs step 1 of the
-protocol (synthesis + distillation + evaluation). The run directory receives results.csv, results.md and
-best_config.yaml.
+protocol (synthesis + distillation + evaluation). The run directory receives sweep/results.csv,
+sweep/results.md, sweep/results.html (the table and the scatter), sweep/sweep.png (the objective against
+each swept parameter) and sweep/best_config.yaml.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import ray
 
-from hrhf.cli import add_config_arguments, config_from_args
+from hrhf.cli import add_config_arguments, add_progress_arguments, config_from_args, progress_from_args
 from hrhf.pipeline import run
 from hrhf.storage import absolute_uri
 
@@ -31,13 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-trial", type=float, default=0.0)
     parser.add_argument("--base-checkpoint", default=None, help="step-0 checkpoint to start every trial from")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (default: start a local Ray)")
+    add_progress_arguments(parser)
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    from hrhf.distributed.tuning import base_dict, results_table, sweep, trial_config, write_results
+    from hrhf.distributed.tuning import OBJECTIVE, base_dict, results_table, sweep, trial_config, write_results
+    from hrhf.report import sweep_markdown
 
+    progress = progress_from_args(args)
     run_dir = absolute_uri(args.run_dir)
     ray.init(address=args.address, log_to_driver=False)
     base = args.base_checkpoint
@@ -46,13 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         train_base = ray.remote(num_cpus=args.cpus_per_trial, num_gpus=args.gpus_per_trial)(run)
         ray.get(train_base.remote(cfg, run_dir=base_dir, log=print, last_step=0))
         base = f"{base_dir}/step-0.pt"
-    print(f"sweeping {args.num_samples} trials from {base}", flush=True)
+    progress.event("run", None, f"sweeping {args.num_samples} trials from {base}")
     results = sweep(cfg, base, storage_path=run_dir, num_samples=args.num_samples,
                     cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, seed=cfg.seed)
     rows = results_table(results)
     best = results.get_best_result()
     write_results(rows, trial_config(base_dict(cfg, base), best.config), f"{run_dir}/sweep")
-    print((Path(run_dir) / "sweep" / "results.md").read_text() if "://" not in run_dir else f"results in {run_dir}/sweep")
+    progress.event("report", None, f"results written to {run_dir}/sweep")
+    progress.final({"results": rows, "best_trial": rows[0]["trial"], "run_dir": f"{run_dir}/sweep"},
+                   sweep_markdown(rows, OBJECTIVE))
     return 0
 
 

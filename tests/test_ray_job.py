@@ -11,6 +11,9 @@ from conftest import PYTHON, ROOT, free_port, make_bucket
 
 pytestmark = pytest.mark.slow
 
+# Rewritten by every run, resumed or not; everything else in the run directory is written once.
+REPORT_FILES = {"report.json", "report.md", "report.html", "miou_per_step.png", "per_class_iou.png"}
+
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
@@ -59,7 +62,8 @@ def test_job_submit_runs_and_resumes(ray_head, tmp_path):
     _assert_complete(report)
     shards = sorted((run_dir / "synthetic" / "shards").glob("*.parquet"))
     assert shards and len(list((run_dir / "synthetic" / "_done").glob("*.json"))) == len(shards)
-    mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "report.json" and p.name != "report.md"}
+    assert (run_dir / "gallery-step-1.png").exists() and (run_dir / "gallery-step-2.png").exists()
+    mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name not in REPORT_FILES}
     second = submit(ray_head, "--run-dir", str(run_dir))
     _assert_succeeded(second)
     assert second.stdout.count("not recomputed") == 3
@@ -79,6 +83,7 @@ def test_job_submit_with_run_dir_on_s3(ray_head, s3_endpoint):
     report = json.loads(fs.cat_file("hrhf-runs/e2e/report.json"))
     _assert_complete(report)
     assert fs.exists("hrhf-runs/e2e/step-2.pt") and fs.exists("hrhf-runs/e2e/report.md")
+    assert fs.exists("hrhf-runs/e2e/report.html") and fs.exists("hrhf-runs/e2e/gallery-step-2.png")
     assert fs.glob("hrhf-runs/e2e/train/**/checkpoint*") or fs.glob("hrhf-runs/e2e/train/**")
     shards = fs.glob("hrhf-runs/e2e/synthetic/shards/*.parquet")
     assert shards
@@ -102,3 +107,4 @@ def test_sweep_of_four_trials_writes_its_table(ray_head, tmp_path):
     assert len(lines) == 1 + 4
     assert "w_kd_real" in lines[0] and "all" in lines[0]
     assert (run_dir / "sweep" / "best_config.yaml").exists() and (run_dir / "sweep" / "results.md").exists()
+    assert (run_dir / "sweep" / "sweep.png").exists() and (run_dir / "sweep" / "results.html").exists()

@@ -58,7 +58,7 @@ def test_object_store_sink(faults, cfg, teacher):
     assert seeds(result) == [t.seed for t in targets()]
     assert result.images.shape == (12, 3, 32, 32) and result.masks.shape == (12, 32, 32)
     assert [m["class"] for m in result.meta] == [t.class_index for t in targets()]
-    assert any("synthesis shards 3/3, 12 images" in line for line in lines)
+    assert any("synthesis shards 3/3 images=12" in line for line in lines)
 
 
 def test_parquet_sink_resumes_without_recomputing(faults, cfg, teacher, tmp_path):
@@ -87,7 +87,7 @@ def test_parquet_sink_resumes_without_recomputing(faults, cfg, teacher, tmp_path
     kept = {s: os.stat(store.data_path(s)).st_mtime_ns for s in (ids[0], ids[2])}
     second = resubmit(kept)
     assert any("2/3 shards found" in line for line in lines)
-    assert any("synthesis shards 3/3, 4 images" in line for line in lines)
+    assert any("synthesis shards 3/3 images=4" in line for line in lines)
     assert {s: os.stat(store.data_path(s)).st_mtime_ns for s in kept} == kept
     assert store.done() == set(ids)
     assert torch.equal(second.images, first.images) and torch.equal(second.masks, first.masks)
@@ -141,4 +141,4 @@ def test_teacher_that_actors_cannot_rebuild_fails_at_once(faults, cfg, teacher):
     with pytest.raises(RuntimeError, match="step6-00000") as err:
         RaySynthesizer(cfg, shard_size=12, log=lines.append).synthesize(wrong, targets(), step=6)
     assert "size mismatch" in str(err.value)
-    assert lines == []  # no retries: a new actor would fail the same way
+    assert not any("lost its actor" in line for line in lines)  # no retries: a new actor would fail the same way

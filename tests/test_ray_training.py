@@ -59,7 +59,7 @@ def test_mib_step_trains_with_ddp_and_keeps_the_last_checkpoint(tmp_path):
     trainer = RayTrainer(num_workers=2, cpus_per_worker=0.5, storage_path=str(tmp_path), log=messages.append)
     model = trainer.train(job)
     assert model is job.student and changed(before, model)
-    assert [re.match(r"\[step 1\] epoch (\d/\d) .*\bloss=", m).group(1) for m in messages] == ["1/2", "2/2"]
+    assert [re.match(r"\[step 1\] training epoch (\d/\d) .*\bloss=", m).group(1) for m in messages] == ["1/2", "2/2"]
     run = tmp_path / "step-1"
     assert run.is_dir() and len([p for p in run.glob("checkpoint_*") if p.is_dir()]) == 2
     state = load_train_state(Result.from_path(str(run)).checkpoint)

@@ -2,6 +2,8 @@
 
 import csv
 
+from PIL import Image
+
 from hrhf.config import load_config
 from hrhf.distributed.tuning import base_dict, trial_config, write_results
 
@@ -24,3 +26,7 @@ def test_results_files(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "| a | 0.5 | 3 | 80.0 | 50.0 | 75.0 |  |" in table  # parameters as given, mIoU in percent
     assert (tmp_path / "best_config.yaml").read_text().startswith("data:")
+    page = (tmp_path / "results.html").read_text()
+    assert "<td>75.0</td>" in page and page.count("data:image/png;base64,") == 1
+    with Image.open(tmp_path / "sweep.png") as image:
+        assert image.size == (320, 320)  # one panel: fake_ratio is the only swept parameter in the rows

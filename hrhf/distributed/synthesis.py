@@ -20,8 +20,10 @@ from ray.exceptions import RayActorError  # base of ActorDiedError and ActorUnav
 from torch import nn
 
 from hrhf.config import Config, InversionConfig
+from hrhf.distributed import peak_rss_mb
 from hrhf.inversion import SegInversion, SyntheticSet, Target
 from hrhf.models import build_model, num_outputs
+from hrhf.progress import as_progress
 from hrhf.storage import write_bytes_atomic
 from hrhf.shards import ShardStore, make_shards, to_table
 
@@ -90,7 +92,7 @@ class SynthesisActor:
         if store_uri is None:
             return synthetic
         ShardStore(store_uri, storage_options).write_shard(shard_id, to_table(synthetic, model_id, step, shard_id))
-        return {"shard_id": shard_id, "rows": len(synthetic)}
+        return {"shard_id": shard_id, "rows": len(synthetic), "peak_rss_mb": peak_rss_mb()}
 
 
 def check_seeds(synthetic: SyntheticSet, seeds: list[int]) -> None:
@@ -132,8 +134,9 @@ class RaySynthesizer:
         self.store_uri = store_uri
         self.storage_options = storage_options
         self.shard_size = shard_size
-        self.log = log
+        self.log = as_progress(log)
         self.max_retries = max_retries
+        self.actor_peak_rss_mb = 0.0  # largest peak resident memory an actor reported (Parquet sink only)
         self.store = ShardStore(store_uri, storage_options) if store_uri else None
         if self.store is not None:
             self.store.check_access()  # fail before any work, not after the first step has trained
@@ -164,12 +167,12 @@ class RaySynthesizer:
             if entry is None:
                 todo.append((shard_id, shard_targets))
             elif entry["model_id"] != teacher_id or entry["seeds"] != [t.seed for t in shard_targets]:
-                self.log(f"[step {step}] shard {shard_id} in {self.store.uri} was made from another teacher "
-                         "or other targets; redoing it")
+                self.log.event("synthesis", step, f"shard {shard_id} in {self.store.uri} was made from another "
+                               "teacher or other targets; redoing it", level="warning")
                 todo.append((shard_id, shard_targets))
         found = len(shards) - len(todo)
         if found:
-            self.log(f"[step {step}] synthesis: {found}/{len(shards)} shards found in {self.store.uri}, not recomputed")
+            self.log.event("synthesis", step, f"{found}/{len(shards)} shards found in {self.store.uri}, not recomputed")
         return todo
 
     def _run(
@@ -195,6 +198,7 @@ class RaySynthesizer:
         failures: collections.Counter[str] = collections.Counter()
         results: dict[str, Any] = {}
         images, start = 0, time.perf_counter()
+        self.log.event("synthesis", step, done=finished, total=total, unit="shards", actors=len(actors))
         try:
             while pending or running:
                 while idle and pending:
@@ -212,8 +216,8 @@ class RaySynthesizer:
                     failures[shard_id] += 1
                     if err.actor_init_failed or failures[shard_id] > self.max_retries:
                         raise RuntimeError(f"[step {step}] synthesis of shard {shard_id} failed: {err}") from err
-                    self.log(f"[step {step}] shard {shard_id} lost its actor ({type(err).__name__}); "
-                             f"retry {failures[shard_id]}/{self.max_retries} on a new actor")
+                    self.log.event("synthesis", step, f"shard {shard_id} lost its actor ({type(err).__name__}); "
+                                   f"retry {failures[shard_id]}/{self.max_retries} on a new actor", level="warning")
                     ray.kill(actor)
                     actors.remove(actor)
                     replacement = new_actor()
@@ -222,10 +226,13 @@ class RaySynthesizer:
                     pending.appendleft((shard_id, shard_targets))
                     continue
                 idle.append(actor)
+                if isinstance(results[shard_id], dict):
+                    self.actor_peak_rss_mb = max(self.actor_peak_rss_mb, results[shard_id]["peak_rss_mb"])
                 images += len(shard_targets)
                 rate = images / max(time.perf_counter() - start, 1e-9)
                 done = finished + len(results)
-                self.log(f"[step {step}] synthesis shards {done}/{total}, {images} images, {rate:.1f} img/s")
+                self.log.event("synthesis", step, done=done, total=total, unit="shards", images=images,
+                               images_per_s=round(rate, 2))
         finally:
             # Live actors hold their CPUs, and Ray Data waits forever for CPUs that never free up.
             for actor in actors:

@@ -24,9 +24,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from hrhf.distributed import peak_rss_mb
 from hrhf.inversion import SyntheticSet
 from hrhf.models import build_model, num_outputs
 from hrhf.pipeline import Log, StepJob, step_train_options
+from hrhf.progress import as_progress
 from hrhf.train import cosine_lr, make_optimizer, mixed_batches, train_steps
 
 STATE_FILE = "state.pt"
@@ -106,7 +108,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         it, stats = train_steps(student, teacher, batches, optimizer, lr_at, it, method, config["n_old"],
                                 str(device), config["freeze_bn"], config["clip_grad"])
         seconds = time.perf_counter() - epoch_start
-        metrics = {"epoch": epoch, "iteration": it, **stats, "seconds_per_step": seconds / max(1, it - first_it)}
+        metrics = {"epoch": epoch, "iteration": it, **stats, "seconds_per_step": seconds / max(1, it - first_it),
+                   "peak_rss_mb": peak_rss_mb()}
         history.append(metrics)
         if rank == 0:
             state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
@@ -148,7 +151,7 @@ class RayTrainer:
         self.storage_path = storage_path
         self.storage_filesystem = storage_filesystem
         self.max_failures = max_failures
-        self.log = log
+        self.log = as_progress(log)
         self.train_loop = train_loop
         self.history: list[dict[str, float]] = []  # per-epoch metrics of the last step trained
 
@@ -219,9 +222,10 @@ class RayTrainer:
         state = load_train_state(result.checkpoint)
         job.student.load_state_dict(state["model"])
         self.history = state["history"]
-        for metrics in self.history:
-            parts = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "iteration"))
-            self.log(f"[step {job.step}] epoch {metrics['epoch'] + 1}/{job.epochs} {parts}")
+        for metrics in self.history:  # replayed after the fit: no ETA
+            stats = {k: v for k, v in metrics.items() if k not in ("epoch", "iteration")}
+            self.log.event("training", job.step, done=metrics["epoch"] + 1, total=job.epochs, unit="epoch",
+                           estimate=False, **stats)
         return job.student
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ from hrhf.config import Config
 from hrhf.metrics import summarize
 from hrhf.storage import write_bytes_atomic
 from hrhf.pipeline import LocalTrainer, StepJob, run, sources_of, step_datasets, task_of
+from hrhf.plots import sweep_png
+from hrhf.report import sweep_html, sweep_markdown
 from hrhf.train import evaluate
 
 OBJECTIVE = "all"
@@ -132,7 +135,11 @@ def results_table(results: tune.ResultGrid) -> list[dict[str, Any]]:
 
 
 def write_results(rows: list[dict[str, Any]], best: Config, out_uri: str) -> None:
-    """Write results.csv, results.md and best_config.yaml into ``out_uri`` (local path or URI)."""
+    """Write results.csv, results.md, sweep.png, results.html and best_config.yaml into ``out_uri`` (path or URI).
+
+    sweep.png scatters the objective against each swept parameter; results.html holds the table and the
+    scatter (when some trial reported the objective).
+    """
     if not rows:
         raise RuntimeError("the sweep produced no results")
     columns = list(rows[0])
@@ -141,14 +148,11 @@ def write_results(rows: list[dict[str, Any]], best: Config, out_uri: str) -> Non
     writer.writeheader()
     writer.writerows(rows)
     write_bytes_atomic(f"{out_uri}/results.csv", buffer.getvalue().encode())
-
-    def cell(column: str, value: Any) -> str:
-        if column in ("old", "new", "all") and isinstance(value, float):
-            return f"{100 * value:.1f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(c, r[c]) for c in columns) + " |" for r in rows]
-    note = f"Sweep results, best first (mIoU in percent after step 1, objective: {OBJECTIVE}).\n\n"
-    write_bytes_atomic(f"{out_uri}/results.md", (note + "\n".join(lines) + "\n").encode())
+    write_bytes_atomic(f"{out_uri}/results.md", sweep_markdown(rows, OBJECTIVE).encode())
+    params = [k for k in SWEPT if k in columns]
+    scored = [r for r in rows if isinstance(r.get(OBJECTIVE), (int, float)) and not math.isnan(r[OBJECTIVE])]
+    scatter = sweep_png(rows, params, OBJECTIVE) if params and scored else None
+    if scatter is not None:
+        write_bytes_atomic(f"{out_uri}/sweep.png", scatter)
+    write_bytes_atomic(f"{out_uri}/results.html", sweep_html(rows, OBJECTIVE, scatter).encode())
     write_bytes_atomic(f"{out_uri}/best_config.yaml", yaml.safe_dump(config_lib.to_dict(best), sort_keys=False).encode())
