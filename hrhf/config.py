@@ -72,6 +72,7 @@ class InversionConfig:
     w_l2: float = 1e-5
     jitter: int = 4
     flip: bool = True
+    bf16: bool = False  # bfloat16 autocast of the teacher's forward (for GPUs; slower on most CPUs)
 
 
 @dataclass

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from hrhf.config import InversionConfig
-from hrhf.data.transforms import denormalize, normalize, pixel_bounds
+from hrhf.pixels import denormalize, normalize, pixel_bounds
+from hrhf.losses import predicted_classes
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,34 @@ class SyntheticSet:
         )
 
 
+def top_k_mean(values: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Mean of the ``k[i]`` largest entries of each row of ``values`` (0 where ``k[i]`` is 0).
+
+    The k-th largest entry of each row comes from ``kthvalue`` (selection, O(n)), one call per distinct
+    k, instead of a full sort; entries tied with it count as often as the rank k needs. Value and
+    gradient equal those through a sort.
+    """
+    rows, length = values.shape
+    position = torch.zeros(rows, dtype=torch.long, device=values.device)
+    with torch.no_grad():
+        for count in torch.unique(k).tolist():
+            if count > 0:
+                chosen = (k == count).nonzero().squeeze(1)
+                position[chosen] = values[chosen].kthvalue(length - count + 1, dim=1).indices
+    threshold = values.gather(1, position[:, None]).squeeze(1)  # the k-th largest entry, with its gradient
+    above = values > threshold[:, None].detach()
+    total = (values * above).sum(1) + (k - above.sum(1)) * threshold
+    return torch.where(k > 0, total / k.clamp(min=1), torch.zeros_like(total))
+
+
 def aggregation_loss(logits: torch.Tensor, classes: torch.Tensor, scales: torch.Tensor, mode: str) -> torch.Tensor:
     """Per-image class term: SAA with ratio r, or GAP / GMP of the target class's log-probability."""
-    log_probs = logits.log_softmax(dim=1)
     batch, _, height, width = logits.shape
     area = height * width
-    class_lp = log_probs[torch.arange(batch), classes].flatten(1)
+    # Only two channels of the log-softmax are read: one gather, whose backward is one scatter.
+    channels = torch.stack([torch.zeros_like(classes), classes], dim=1)[:, :, None, None]
+    picked = logits.float().log_softmax(dim=1).gather(1, channels.expand(batch, 2, height, width)).flatten(2)
+    background_lp, class_lp = picked[:, 0], picked[:, 1]
     if mode == "gap":
         return -class_lp.mean(dim=1)
     if mode == "gmp":
@@ -76,13 +99,38 @@ def aggregation_loss(logits: torch.Tensor, classes: torch.Tensor, scales: torch.
     if mode != "saa":
         raise ValueError(f"unknown aggregation {mode!r}")
     k = torch.ceil(scales * area).clamp(1, area).long()
-    rank = torch.arange(area, device=logits.device)
-    top_class = class_lp.sort(dim=1, descending=True).values
-    top_bg = log_probs[:, 0].flatten(1).sort(dim=1, descending=True).values
-    class_term = (top_class * (rank < k[:, None])).sum(1) / k
-    rest = area - k
-    bg_term = (top_bg * (rank < rest[:, None])).sum(1) / rest.clamp(min=1)
-    return -(class_term + torch.where(rest > 0, bg_term, torch.zeros_like(bg_term)))
+    return -(top_k_mean(class_lp, k) + top_k_mean(background_lp, area - k))
+
+
+class _ChannelMoments(torch.autograd.Function):
+    """Per-channel mean and biased variance over (N, H, W), with a one-pass backward."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dims = (0, 2, 3)
+        mean = x.mean(dim=dims)
+        var = (x * x).mean(dim=dims) - mean * mean
+        ctx.save_for_backward(x, mean)
+        return mean, var.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_mean: torch.Tensor, grad_var: torch.Tensor) -> torch.Tensor:
+        x, mean = ctx.saved_tensors
+        count = x.numel() // x.shape[1]
+        # d/dx [mean, var] . [gm, gv] = gm / n + gv * 2 (x - mean) / n, written as one addcmul over x.
+        slope = grad_var * (2.0 / count)
+        offset = grad_mean / count - slope * mean
+        shape = (1, -1, 1, 1)
+        return torch.addcmul(offset.view(shape), x, slope.view(shape))
+
+
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance of an (N, C, H, W) tensor, differentiable.
+
+    Autograd through ``Tensor.var`` over (0, 2, 3) costs several broadcast passes over the activation;
+    this computes E[x], E[x^2] in the forward and the input gradient in a single fused pass.
+    """
+    return _ChannelMoments.apply(x)
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -114,9 +162,7 @@ class SegInversion:
     def _bn_hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
         if not self._recording:
             return
-        x = inputs[0]
-        mean = x.mean(dim=(0, 2, 3))
-        var = x.var(dim=(0, 2, 3), unbiased=False)
+        mean, var = channel_moments(inputs[0].float())  # a no-op in float32; exact statistics under bf16
         self._bn_terms.append(torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(var - module.running_var))
 
     def bn_prior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +192,7 @@ class SegInversion:
         scales = torch.tensor([t.scale for t in targets], device=self.device)
         noise = [torch.randn(3, size, size, generator=torch.Generator().manual_seed(t.seed)) for t in targets]
         x = torch.stack(noise).to(self.device)
-        x = torch.max(torch.min(x, self.high), self.low).requires_grad_(True)
+        x = x.clamp(self.low, self.high).requires_grad_(True)
         rng = torch.Generator().manual_seed(targets[0].seed ^ len(targets))
         optimizer = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
         for it in range(cfg.iterations):
@@ -159,7 +205,8 @@ class SegInversion:
             flipped = cfg.flip and bool(torch.rand((), generator=rng) < 0.5)
             if flipped:
                 view = view.flip(3)
-            logits, prior = self.bn_prior(view)
+            with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits, prior = self.bn_prior(view)
             class_loss = aggregation_loss(logits, classes, scales, cfg.aggregation)
             loss = class_loss.mean() + cfg.w_bn * prior
             loss = loss + (cfg.w_tv * total_variation(x) + cfg.w_l2 * x.pow(2).flatten(1).mean(1)).mean()
@@ -167,12 +214,12 @@ class SegInversion:
             loss.backward()
             optimizer.step()
             with torch.no_grad():
-                x.copy_(torch.max(torch.min(x, self.high), self.low))
+                x.clamp_(self.low, self.high)
         images = denormalize(x.detach().cpu())
         with torch.no_grad():
             logits = self.teacher(normalize(images).to(self.device))
             final_loss = aggregation_loss(logits, classes, scales, cfg.aggregation).cpu()
-        masks = logits.argmax(dim=1).cpu()
+        masks = predicted_classes(logits).cpu()
         area = (masks == classes.cpu()[:, None, None]).flatten(1).float().mean(1)
         meta = [
             {"class": t.class_index, "scale": t.scale, "seed": t.seed, "loss": float(final_loss[i]), "area": float(area[i])}

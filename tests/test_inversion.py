@@ -7,7 +7,7 @@ from hrhf.config import InversionConfig
 from hrhf.data import make_source
 from hrhf.data.incremental import StepDataset
 from hrhf.data.transforms import normalize
-from hrhf.inversion import SegInversion, aggregation_loss, make_targets
+from hrhf.inversion import SegInversion, aggregation_loss, channel_moments, make_targets, top_k_mean
 from hrhf.methods import METHODS
 from hrhf.models import build_model
 from hrhf.tasks import label_lut, make_task_from_steps
@@ -43,6 +43,39 @@ def test_saa_loss_is_smallest_at_the_true_area():
     # GAP wants the class everywhere, GMP at one pixel only
     assert float(aggregation_loss(logits, torch.tensor([1]), torch.tensor([0.1]), "gap")) > 5
     assert float(aggregation_loss(logits, torch.tensor([1]), torch.tensor([0.1]), "gmp")) < 1e-3
+
+
+def test_top_k_mean_matches_a_sort_with_ties_and_gradients():
+    torch.manual_seed(0)
+    values = torch.randn(6, 50).round(decimals=1)  # rounding makes ties at the thresholds
+    k = torch.tensor([0, 1, 7, 7, 25, 50])
+    leaf = values.clone().requires_grad_(True)
+    got = top_k_mean(leaf, k)
+    ranked = values.sort(dim=1, descending=True).values
+    expected = torch.stack([ranked[i, :n].mean() if n else torch.tensor(0.0) for i, n in enumerate(k.tolist())])
+    assert torch.allclose(got, expected, atol=1e-6)
+    # without ties, the gradient is the sort's: 1/k on each of the k largest entries
+    distinct = torch.randn(6, 50, requires_grad=True)
+    top_k_mean(distinct, k).sum().backward()
+    reference = distinct.detach().clone().requires_grad_(True)
+    ranked = reference.sort(dim=1, descending=True).values
+    rank = torch.arange(50)
+    ((ranked * (rank < k[:, None])).sum(1) / k.clamp(min=1)).sum().backward()
+    assert torch.allclose(distinct.grad, reference.grad)
+
+
+def test_channel_moments_match_autograd_through_var():
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 5, dtype=torch.float64)
+    mean, var = channel_moments(x)
+    (weights[0] @ mean + weights[1] @ var).backward()
+    ours = x.grad.clone()
+    x.grad = None
+    ref_mean, ref_var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+    (weights[0] @ ref_mean + weights[1] @ ref_var).backward()
+    assert torch.allclose(mean, ref_mean) and torch.allclose(var, ref_var)
+    assert torch.allclose(ours, x.grad)
 
 
 def test_targets_mix_classes_and_scales():
@@ -95,3 +128,11 @@ def test_saa_area_rises_with_ratio(teacher):
 def test_teacher_without_batchnorm_is_rejected():
     with pytest.raises(ValueError, match="BatchNorm"):
         SegInversion(torch.nn.Conv2d(3, 2, 1), _cfg(), image_size=8)
+
+
+def test_bf16_autocast_inverts_with_finite_losses(teacher):
+    targets = make_targets([1, 2], [0.2], 1, base_seed=3)
+    with SegInversion(teacher, _cfg(iterations=3, bf16=True), image_size=48) as inverter:
+        synthetic = inverter.invert(targets)
+    assert synthetic.images.shape == (2, 3, 48, 48)
+    assert all(math.isfinite(m["loss"]) for m in synthetic.meta)
