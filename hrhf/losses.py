@@ -11,6 +11,15 @@ import torch.nn.functional as F
 IGNORE_INDEX = 255
 
 
+def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
+    """Per-pixel class of (N, C, H, W) logits, the first maximum on ties.
+
+    ``max(dim=1).indices`` rather than ``argmax(dim=1)``: the same result, and on CPU ``argmax`` over
+    the channel dimension of an NCHW tensor is about 20 times slower.
+    """
+    return logits.max(dim=1).indices
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Pixel-wise cross-entropy, 255 ignored; zero (with a graph) when every pixel is ignored."""
     if not bool((labels != IGNORE_INDEX).any()):
@@ -60,4 +69,4 @@ def unbiased_knowledge_distillation(
 
 def pseudo_labels(labels: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Fill pixels labelled background with the teacher's prediction (which may be an old class)."""
-    return torch.where(labels == 0, teacher.argmax(dim=1), labels)
+    return torch.where(labels == 0, predicted_classes(teacher), labels)

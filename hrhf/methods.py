@@ -55,6 +55,6 @@ def step_loss(
             total = total + method.w_kd_real * parts["kd_real"]
         if method.fake and student_fake is not None:
             parts["kd_fake"] = losses.knowledge_distillation(student_fake, teacher_fake, method.kd_temperature)
-            parts["ce_fake"] = losses.cross_entropy(student_fake, teacher_fake.argmax(dim=1))
+            parts["ce_fake"] = losses.cross_entropy(student_fake, losses.predicted_classes(teacher_fake))
             total = total + method.w_fake * (parts["kd_fake"] + method.w_ce_fake * parts["ce_fake"])
     return total, {name: float(value.detach()) for name, value in parts.items()}

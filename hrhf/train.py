@@ -10,8 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from hrhf.config import MethodConfig
-from hrhf.data.transforms import normalize
+from hrhf.pixels import normalize
 from hrhf.inversion import SyntheticSet
+from hrhf.losses import predicted_classes
 from hrhf.methods import needs_teacher_on_real, step_loss
 from hrhf.metrics import ConfusionMatrix
 from hrhf.models import classifier_layers
@@ -198,6 +199,6 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
     confusion = ConfusionMatrix(num_classes)
     loader = DataLoader(dataset, batch_size=batch_size)
     for images, labels in loader:
-        pred = model(images.to(device)).argmax(dim=1).cpu()
+        pred = predicted_classes(model(images.to(device))).cpu()
         confusion.update(pred, labels)
     return confusion.matrix

@@ -48,3 +48,9 @@ def test_pseudo_labels_fill_background_only():
     teacher[0, 2] = 5.0  # teacher says class 2 everywhere
     labels = torch.tensor([[[0, 1, 255]]])
     assert losses.pseudo_labels(labels, teacher).tolist() == [[[2, 1, 255]]]
+
+
+def test_predicted_classes_is_argmax_with_first_maximum_on_ties():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7, 9).round()  # rounding makes ties
+    assert torch.equal(losses.predicted_classes(logits), logits.argmax(dim=1))
