@@ -10,7 +10,6 @@ import fsspec
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import segmentation as tv_seg
 
 from hrhf.storage import write_bytes_atomic
 
@@ -60,12 +59,9 @@ class TorchvisionSeg(nn.Module):
         return self.net(x)["out"]
 
 
-_TORCHVISION = {
-    "deeplabv3_resnet50": tv_seg.deeplabv3_resnet50,
-    "deeplabv3_resnet101": tv_seg.deeplabv3_resnet101,
-    "deeplabv3_mobilenet_v3_large": tv_seg.deeplabv3_mobilenet_v3_large,
-    "lraspp_mobilenet_v3_large": tv_seg.lraspp_mobilenet_v3_large,
-}
+# Builders in torchvision.models.segmentation, imported on first use: torchvision takes about a second
+# to import, which every synthesis actor of the small model would otherwise pay at start-up.
+_TORCHVISION = ("deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
 MODEL_NAMES = ("small", *_TORCHVISION)
 
 
@@ -88,7 +84,9 @@ def build_model(name: str, num_classes: int, width: int = 32, backbone_weights: 
     if name == "small":
         model: nn.Module = SmallSegNet(num_classes, width)
     elif name in _TORCHVISION:
-        net = _TORCHVISION[name](weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+        from torchvision.models import segmentation as tv_seg
+
+        net = getattr(tv_seg, name)(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
         model = TorchvisionSeg(net)
     else:
         raise ValueError(f"unknown model {name!r}; models: {', '.join(MODEL_NAMES)}")
@@ -110,6 +108,8 @@ def classifier_layers(model: nn.Module) -> list[nn.Conv2d]:
     """The final 1x1 convolutions whose outputs are the class logits (two for LR-ASPP, summed)."""
     if isinstance(model, SmallSegNet):
         return [model.classifier]
+    from torchvision.models import segmentation as tv_seg
+
     net = model.net
     if isinstance(net, tv_seg.LRASPP):
         return [net.classifier.low_classifier, net.classifier.high_classifier]

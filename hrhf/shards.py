@@ -90,11 +90,16 @@ def from_table(table: pa.Table) -> SyntheticSet:
 
 
 def make_shards(targets: list[Target], shard_size: int, step: int) -> list[tuple[str, list[Target]]]:
-    """Consecutive runs of ``shard_size`` targets, named ``step{step}-{index:05d}``."""
+    """Consecutive runs of at most ``shard_size`` targets, as equal in size as possible, named ``step{step}-{index:05d}``.
+
+    Equal sizes (120 targets in shards of at most 32: four of 30, not 32, 32, 32, 24) keep a pool of
+    actors evenly loaded to the end.
+    """
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-    starts = range(0, len(targets), shard_size)
-    return [(f"step{step}-{i:05d}", list(targets[s : s + shard_size])) for i, s in enumerate(starts)]
+    count = -(-len(targets) // shard_size)
+    bounds = [len(targets) * i // count for i in range(count + 1)] if count else [0]
+    return [(f"step{step}-{i:05d}", list(targets[a:b])) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
 
 class ShardStore:

@@ -40,8 +40,11 @@ def test_make_shards_covers_every_target_once():
     shards = make_shards(targets, 5, step=1)
     assert [s for s, _ in shards] == [f"step1-{i:05d}" for i in range(4)]
     assert [t for _, part in shards for t in part] == targets
-    assert [len(part) for _, part in shards] == [5, 5, 5, 3]
+    assert [len(part) for _, part in shards] == [4, 5, 4, 5]
     assert make_shards(targets, 5, step=1) == shards
+    sizes = [len(t) for _, t in make_shards(make_targets([1, 2, 3, 4, 5, 6], [0.1, 0.2, 0.4, 0.6, 0.8], 4, base_seed=0), 32, step=1)]
+    assert sizes == [30, 30, 30, 30]
+    assert make_shards([], 5, step=1) == []
     with pytest.raises(ValueError):
         make_shards(targets, 0, step=1)
 
