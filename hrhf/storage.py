@@ -42,6 +42,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
         try:
+            os.fchmod(fd, 0o644)  # mkstemp creates 0600; run files are meant to be read by others too
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
