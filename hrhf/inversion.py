@@ -140,6 +140,31 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return dh + dw
 
 
+class ImageAdam:
+    """Adam (no weight decay) on the one tensor of images that SegInversion optimises.
+
+    The same update as ``torch.optim.Adam``. Not that class: its first construction in a process
+    imports ``torch._dynamo`` (about 1 s), which every synthesis actor would pay again at every step.
+    """
+
+    def __init__(self, param: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.param, self.betas, self.eps = param, betas, eps
+        self.exp_avg = torch.zeros_like(param)
+        self.exp_avg_sq = torch.zeros_like(param)
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        """One update of the parameter from its ``.grad`` with learning rate ``lr``."""
+        beta1, beta2 = self.betas
+        grad = self.param.grad
+        self.steps += 1
+        self.exp_avg.lerp_(grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (self.exp_avg_sq.sqrt() / math.sqrt(1 - beta2**self.steps)).add_(self.eps)
+        self.param.addcdiv_(self.exp_avg, denom, value=-lr / (1 - beta1**self.steps))
+
+
 class SegInversion:
     """Inverts a frozen segmentation model into images with objects of chosen classes and sizes.
 
@@ -194,10 +219,8 @@ class SegInversion:
         x = torch.stack(noise).to(self.device)
         x = x.clamp(self.low, self.high).requires_grad_(True)
         rng = torch.Generator().manual_seed(targets[0].seed ^ len(targets))
-        optimizer = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
+        adam = ImageAdam(x, betas=(0.5, 0.9))
         for it in range(cfg.iterations):
-            for group in optimizer.param_groups:
-                group["lr"] = self._lr(it)
             view = x
             if cfg.jitter:
                 dx, dy = torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=rng).tolist()
@@ -210,9 +233,9 @@ class SegInversion:
             class_loss = aggregation_loss(logits, classes, scales, cfg.aggregation)
             loss = class_loss.mean() + cfg.w_bn * prior
             loss = loss + (cfg.w_tv * total_variation(x) + cfg.w_l2 * x.pow(2).flatten(1).mean(1)).mean()
-            optimizer.zero_grad(set_to_none=True)
+            x.grad = None
             loss.backward()
-            optimizer.step()
+            adam.step(self._lr(it))
             with torch.no_grad():
                 x.clamp_(self.low, self.high)
         images = denormalize(x.detach().cpu())

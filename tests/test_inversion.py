@@ -7,7 +7,7 @@ from hrhf.config import InversionConfig
 from hrhf.data import make_source
 from hrhf.data.incremental import StepDataset
 from hrhf.data.transforms import normalize
-from hrhf.inversion import SegInversion, aggregation_loss, channel_moments, make_targets, top_k_mean
+from hrhf.inversion import ImageAdam, SegInversion, aggregation_loss, channel_moments, make_targets, top_k_mean
 from hrhf.methods import METHODS
 from hrhf.models import build_model
 from hrhf.tasks import label_lut, make_task_from_steps
@@ -136,3 +136,22 @@ def test_bf16_autocast_inverts_with_finite_losses(teacher):
         synthetic = inverter.invert(targets)
     assert synthetic.images.shape == (2, 3, 48, 48)
     assert all(math.isfinite(m["loss"]) for m in synthetic.meta)
+
+
+def test_image_adam_follows_torch_adam():
+    torch.manual_seed(0)
+    target = torch.randn(2, 3, 5, 5)
+    ours, theirs = (torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1)).requires_grad_(True) for _ in range(2))
+    adam = ImageAdam(ours, betas=(0.5, 0.9))
+    reference = torch.optim.Adam([theirs], lr=0.1, betas=(0.5, 0.9), foreach=False)
+    for step in range(20):
+        lr = 0.1 * (1 + step) / 20
+        for group in reference.param_groups:
+            group["lr"] = lr
+        for x in (ours, theirs):
+            x.grad = None
+            ((x - target) ** 4).sum().backward()
+        adam.step(lr)
+        reference.step()
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert not torch.allclose(ours, torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1)))
