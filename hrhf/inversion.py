@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from hrhf.config import InversionConfig
-from hrhf.pixels import denormalize, normalize, pixel_bounds
 from hrhf.losses import predicted_classes
+from hrhf.pixels import denormalize, normalize, pixel_bounds
 
 
 @dataclass(frozen=True)
