@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from hrhf.metrics import summarize
 from hrhf.models import build_model, load_checkpoint, save_checkpoint, widen_classifier
 from hrhf.plots import gallery_png, miou_per_step_png, per_class_iou_png
 from hrhf.progress import as_progress
-from hrhf.report import References, gallery_name, html_report, markdown_report, references_of
+from hrhf.report import References, gallery_name, html_report, markdown_report, percent, references_of
 from hrhf.storage import write_bytes_atomic
 from hrhf.tasks import Task, make_task
 from hrhf.train import evaluate, fit
@@ -354,7 +353,7 @@ def run(
             "step_seconds": round(time.perf_counter() - start, 3),
         }
         progress.event("evaluation", step, "mIoU (%)",
-                       **{k: _percent(metrics[k]) for k in ("old", "new", "all", "background")})
+                       **{k: percent(metrics[k]) for k in ("old", "new", "all", "background")})
         report["steps"].append(result)
         if rundir.uri is not None and fake:
             classes = task.old_classes(step)
@@ -370,10 +369,6 @@ def run(
         written = write_report(rundir, report)
         progress.event("report", None, f"{', '.join(written)} written to {rundir.uri}")
     return report
-
-
-def _percent(value: float | None) -> float | None:
-    return None if value is None or math.isnan(value) else round(100 * value, 1)
 
 
 def write_report(rundir: RunDir, report: dict[str, Any], references: References | None = None) -> list[str]:

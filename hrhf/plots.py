@@ -214,6 +214,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def scored_rows(rows: Sequence[Mapping[str, Any]], objective: str) -> list[Mapping[str, Any]]:
+    """The sweep rows whose objective is a number (trials that failed or never reported are left out)."""
+    return [r for r in rows if isinstance(r.get(objective), (int, float)) and not math.isnan(r[objective])]
+
+
 def sweep_png(rows: Sequence[Mapping[str, Any]], params: Sequence[str], objective: str = "all") -> bytes:
     """One scatter per swept parameter of the objective (percent) against the parameter; the best trial in red.
 
@@ -222,7 +227,7 @@ def sweep_png(rows: Sequence[Mapping[str, Any]], params: Sequence[str], objectiv
     """
     if not params:
         raise ValueError("no swept parameters to plot")
-    scored = [r for r in rows if r.get(objective) is not None and not math.isnan(r[objective])]
+    scored = scored_rows(rows, objective)
     if not scored:
         raise ValueError(f"no trial has a value of the objective {objective!r}")
     best = max(scored, key=lambda r: r[objective])

@@ -26,11 +26,18 @@ FIGURE_CAPTIONS = {
 }
 
 
+def _undefined(value: float | None) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def pct(value: float | None) -> str:
     """A [0, 1] fraction as a percentage with one decimal, '-' when undefined."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{100 * value:.1f}"
+    return "-" if _undefined(value) else f"{100 * value:.1f}"
+
+
+def percent(value: float | None) -> float | None:
+    """A [0, 1] fraction as a percentage rounded to one decimal, None when undefined (for JSON)."""
+    return None if _undefined(value) else round(100 * value, 1)
 
 
 def gallery_name(step: int) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from hrhf.config import Config
 from hrhf.metrics import summarize
 from hrhf.storage import write_bytes_atomic
 from hrhf.pipeline import LocalTrainer, StepJob, run, sources_of, step_datasets, task_of
-from hrhf.plots import sweep_png
+from hrhf.plots import scored_rows, sweep_png
 from hrhf.report import sweep_html, sweep_markdown
 from hrhf.train import evaluate
 
@@ -150,8 +149,7 @@ def write_results(rows: list[dict[str, Any]], best: Config, out_uri: str) -> Non
     write_bytes_atomic(f"{out_uri}/results.csv", buffer.getvalue().encode())
     write_bytes_atomic(f"{out_uri}/results.md", sweep_markdown(rows, OBJECTIVE).encode())
     params = [k for k in SWEPT if k in columns]
-    scored = [r for r in rows if isinstance(r.get(OBJECTIVE), (int, float)) and not math.isnan(r[OBJECTIVE])]
-    scatter = sweep_png(rows, params, OBJECTIVE) if params and scored else None
+    scatter = sweep_png(rows, params, OBJECTIVE) if params and scored_rows(rows, OBJECTIVE) else None
     if scatter is not None:
         write_bytes_atomic(f"{out_uri}/sweep.png", scatter)
     write_bytes_atomic(f"{out_uri}/results.html", sweep_html(rows, OBJECTIVE, scatter).encode())
