@@ -20,6 +20,10 @@ from hrhf.losses import predicted_classes
 from hrhf.pixels import denormalize, normalize, pixel_bounds
 
 
+class NonFiniteError(ArithmeticError):
+    """Inversion produced a NaN or infinite loss or image (a bad learning rate, bf16 overflow, a broken teacher)."""
+
+
 @dataclass(frozen=True)
 class Target:
     """One image to synthesise: a class (model output index), an object-area ratio and a seed."""
@@ -133,6 +137,13 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _ChannelMoments.apply(x)
 
 
+def describe_targets(targets: Sequence[Target], limit: int = 3) -> str:
+    """'class 2 scale 0.1 seed 1001, ...' for the first ``limit`` targets, and how many more."""
+    named = ", ".join(f"class {t.class_index} scale {t.scale:g} seed {t.seed}" for t in targets[:limit])
+    more = len(targets) - limit
+    return f"{named} and {more} more" if more > 0 else named
+
+
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Per-image mean squared difference of horizontal and vertical neighbours."""
     dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).pow(2).flatten(1).mean(1)
@@ -168,8 +179,13 @@ class ImageAdam:
 class SegInversion:
     """Inverts a frozen segmentation model into images with objects of chosen classes and sizes.
 
-    Use as a context manager (or call ``close``) so that the BatchNorm hooks are removed.
+    Use as a context manager (or call ``close``) so that the BatchNorm hooks are removed. A NaN or
+    infinite loss (looked at every ``finite_check_every`` iterations and after the last) or final image
+    raises ``NonFiniteError`` before anything is quantised.
     """
+
+    # Reading the loss flag back costs a device synchronisation, so not every iteration.
+    finite_check_every = 25
 
     def __init__(self, teacher: nn.Module, cfg: InversionConfig, image_size: int, device: str = "cpu") -> None:
         self.teacher = teacher.to(device).eval().requires_grad_(False)
@@ -220,6 +236,11 @@ class SegInversion:
         x = x.clamp(self.low, self.high).requires_grad_(True)
         rng = torch.Generator().manual_seed(targets[0].seed ^ len(targets))
         adam = ImageAdam(x, betas=(0.5, 0.9))
+        # On the device, without a sync: the first iteration with a non-finite loss (-1: none yet) and
+        # which images' class terms were non-finite then, to name the targets at fault before NaN spreads
+        # to the whole batch through the BN prior.
+        first_bad_it = torch.tensor(-1, device=self.device)
+        image_bad = torch.zeros(len(targets), dtype=torch.bool, device=self.device)
         for it in range(cfg.iterations):
             view = x
             if cfg.jitter:
@@ -233,15 +254,34 @@ class SegInversion:
             class_loss = aggregation_loss(logits, classes, scales, cfg.aggregation)
             loss = class_loss.mean() + cfg.w_bn * prior
             loss = loss + (cfg.w_tv * total_variation(x) + cfg.w_l2 * x.pow(2).flatten(1).mean(1)).mean()
+            with torch.no_grad():
+                turned_bad = (first_bad_it < 0) & ~loss.isfinite()
+                image_bad = torch.where(turned_bad, ~class_loss.isfinite(), image_bad)
+                first_bad_it = torch.where(turned_bad, it, first_bad_it)
+            if (it + 1) % self.finite_check_every == 0 or it + 1 == cfg.iterations:
+                self._check_loss(targets, int(first_bad_it), image_bad)
             x.grad = None
             loss.backward()
             adam.step(self._lr(it))
             with torch.no_grad():
-                x.clamp_(self.low, self.high)
+                x.clamp_(self.low, self.high)  # keeps NaN, so a NaN update still reaches the final check
+        image_finite = x.detach().isfinite().flatten(1).all(1).cpu()
+        if not image_finite.all():
+            raise NonFiniteError(
+                f"inversion gave non-finite pixels after iteration {cfg.iterations}/{cfg.iterations} for "
+                f"{describe_targets([t for t, ok in zip(targets, image_finite.tolist()) if not ok])}"
+                f" (lower inversion.lr, or turn off inversion.bf16)"
+            )
         images = denormalize(x.detach().cpu())
         with torch.no_grad():
             logits = self.teacher(normalize(images).to(self.device))
             final_loss = aggregation_loss(logits, classes, scales, cfg.aggregation).cpu()
+        loss_finite = final_loss.isfinite()
+        if not loss_finite.all():
+            raise NonFiniteError(
+                f"the teacher gives a non-finite loss on the final images of "
+                f"{describe_targets([t for t, ok in zip(targets, loss_finite.tolist()) if not ok])}"
+            )
         masks = predicted_classes(logits).cpu()
         area = (masks == classes.cpu()[:, None, None]).flatten(1).float().mean(1)
         meta = [
@@ -249,6 +289,17 @@ class SegInversion:
             for i, t in enumerate(targets)
         ]
         return SyntheticSet(images, masks.to(torch.uint8), meta)
+
+    def _check_loss(self, targets: Sequence[Target], first_bad_it: int, image_bad: torch.Tensor) -> None:
+        """Raise NonFiniteError if the loss has been non-finite (``first_bad_it`` >= 0)."""
+        if first_bad_it < 0:
+            return
+        # The images whose own class term went bad; if none did (only the BN prior), the whole batch.
+        blamed = [t for t, bad in zip(targets, image_bad.cpu().tolist()) if bad] or list(targets)
+        raise NonFiniteError(
+            f"inversion loss became non-finite at iteration {first_bad_it + 1}/{self.cfg.iterations} for "
+            f"{describe_targets(blamed)} (lower inversion.lr, or turn off inversion.bf16)"
+        )
 
     def invert(self, targets: Sequence[Target], on_batch: Callable[[int, int], None] | None = None) -> SyntheticSet:
         """Invert every target in batches of ``cfg.batch_size``; ``on_batch(done, total)`` reports progress."""

@@ -4,9 +4,12 @@ Layout of a dataset directory (a path or an fsspec URI such as ``s3://bucket/pre
 
     shards/{shard_id}.parquet   one row per image: PNG image and pseudo-label mask, metadata
     _done/{shard_id}.json       commit marker and manifest entry, written only after the data
+    manifests/step-{step}.json  the shards (ids in order, rows, sha256) that make up a finished step
 
-Both files are published atomically (a local rename, or one PUT of the final key on an object store)
-under names fixed by the shard id, so a retried shard overwrites the same keys.
+Every file is published atomically (a local rename, or one PUT of the final key on an object store)
+under a name fixed by the shard id or step, so a retried shard overwrites the same keys. Shards of a
+step left over from an earlier run with another shard size keep their markers but are not in the
+step's manifest: read a step through ``read_step`` or ``parquet_paths(step=...)``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-from hrhf.inversion import SyntheticSet, Target
+from hrhf.inversion import NonFiniteError, SyntheticSet, Target
 from hrhf.storage import write_bytes_atomic
 
 SCHEMA = pa.schema(
@@ -43,6 +46,11 @@ SCHEMA = pa.schema(
     ]
 )
 
+# Keys every commit marker holds; a marker without them is treated as absent.
+MARKER_KEYS = ("shard_id", "rows", "seeds", "bytes", "sha256", "model_id", "step")
+# What ``ShardStore.verify`` says of a shard that was never committed (as opposed to a damaged one).
+NO_MARKER = "no commit marker"
+
 
 def encode_png(array: np.ndarray) -> bytes:
     """PNG bytes of a uint8 array, (H, W) grey or (H, W, 3) RGB."""
@@ -58,7 +66,14 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def to_table(synthetic: SyntheticSet, model_id: str, step: int, shard_id: str) -> pa.Table:
-    """One row per synthetic image, in the order of the set."""
+    """One row per synthetic image, in the order of the set; images must be uint8."""
+    if synthetic.images.dtype != torch.uint8:
+        if synthetic.images.is_floating_point():
+            finite = synthetic.images.isfinite().flatten(1).all(1).tolist()
+            bad = [m.get("seed") for m, ok in zip(synthetic.meta, finite) if not ok]
+            if bad:
+                raise NonFiniteError(f"shard {shard_id}: non-finite pixels in the images of seeds {bad[:5]}")
+        raise TypeError(f"shard {shard_id}: images must be uint8, got {synthetic.images.dtype}")
     images = synthetic.images.permute(0, 2, 3, 1).contiguous().numpy()
     masks = synthetic.masks.numpy()
     meta = synthetic.meta
@@ -154,27 +169,89 @@ class ShardStore:
         }
         self._put(self.marker_path(shard_id), json.dumps(marker).encode())
 
+    def step_manifest_path(self, step: int) -> str:
+        """Path of a step's manifest within ``self.fs``."""
+        return f"{self.root}/manifests/step-{step}.json"
+
+    def _read_json(self, path: str) -> dict | None:
+        """The JSON object in a file, freshly read; None if it is empty or not a JSON object.
+
+        Raises FileNotFoundError if the file is absent.
+        """
+        self.fs.invalidate_cache(path)  # written by another process since the last listing
+        try:
+            entry = json.loads(self.fs.cat_file(path))
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return None
+        return entry if isinstance(entry, dict) else None
+
+    def _read_marker(self, shard_id: str) -> dict | None:
+        """A shard's commit marker; None if it is empty, garbled or lacks a key; FileNotFoundError if absent."""
+        marker = self._read_json(self.marker_path(shard_id))
+        if marker is None or any(key not in marker for key in MARKER_KEYS) or marker["shard_id"] != shard_id:
+            return None
+        return marker
+
+    def read_marker(self, shard_id: str) -> dict | None:
+        """A shard's commit marker, or None if it is absent, empty, garbled or lacks a key."""
+        try:
+            return self._read_marker(shard_id)
+        except FileNotFoundError:
+            return None
+
     def manifest(self) -> dict[str, dict]:
-        """Commit markers of the finished shards, by shard id."""
+        """Commit markers of the finished shards, by shard id; an unreadable marker counts as absent."""
         self.fs.invalidate_cache()  # other processes write here; object-store listings are cached
         entries = {}
         for path in self.fs.glob(f"{self.root}/_done/*.json"):
-            entry = json.loads(self.fs.cat_file(path))
-            entries[entry["shard_id"]] = entry
+            shard_id = path.rsplit("/", 1)[-1].removesuffix(".json")
+            marker = self.read_marker(shard_id)
+            if marker is not None:
+                entries[shard_id] = marker
         return entries
 
     def done(self) -> set[str]:
         """Ids of the finished shards."""
         return set(self.manifest())
 
-    def read_shard(self, shard_id: str) -> pa.Table:
-        """A finished shard's rows, checked against the checksum in its marker."""
-        self.fs.invalidate_cache(self.marker_path(shard_id))  # written by another process since the last listing
+    def verify(self, shard_id: str, expected_seeds: list[int], model_id: str) -> str | None:
+        """None if the shard is committed, intact and made by ``model_id`` for ``expected_seeds``; else why not.
+
+        Reads the whole shard: size, checksum, Parquet footer and seed column are all checked.
+        """
+        try:
+            marker = self._read_marker(shard_id)
+        except FileNotFoundError:
+            return NO_MARKER
+        if marker is None:
+            return "commit marker empty, garbled or incomplete"
+        if marker["model_id"] != model_id:
+            return f"made from another teacher ({marker['model_id']}, not {model_id})"
+        if marker["seeds"] != list(expected_seeds):
+            return "made for other targets (seeds differ)"
         self.fs.invalidate_cache(self.data_path(shard_id))
         try:
-            marker = json.loads(self.fs.cat_file(self.marker_path(shard_id)))
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"shard {shard_id} is not finished in {self.uri}") from err
+            data = self.fs.cat_file(self.data_path(shard_id))
+        except FileNotFoundError:
+            return "data file missing"
+        if len(data) != marker["bytes"]:
+            return f"data is {len(data)} bytes, its marker says {marker['bytes']}"
+        if hashlib.sha256(data).hexdigest() != marker["sha256"]:
+            return "data does not match the checksum in its marker"
+        try:
+            seeds = pq.read_table(pa.BufferReader(data), columns=["seed"]).column("seed").to_pylist()
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            return f"unreadable Parquet ({type(err).__name__}: {err})"
+        if seeds != marker["seeds"]:
+            return "seed column differs from its marker"
+        return None
+
+    def read_shard(self, shard_id: str) -> pa.Table:
+        """A finished shard's rows, checked against the checksum in its marker."""
+        self.fs.invalidate_cache(self.data_path(shard_id))
+        marker = self.read_marker(shard_id)
+        if marker is None:
+            raise FileNotFoundError(f"shard {shard_id} is not finished in {self.uri} (no readable commit marker)")
         data = self.fs.cat_file(self.data_path(shard_id))
         if hashlib.sha256(data).hexdigest() != marker["sha256"]:
             raise ValueError(f"shard {shard_id} in {self.uri} does not match the checksum in its marker")
@@ -185,11 +262,58 @@ class ShardStore:
         ids = sorted(self.done()) if shard_ids is None else shard_ids
         return SyntheticSet.concat([from_table(self.read_shard(s)) for s in ids])
 
-    def parquet_paths(self, shard_ids: list[str] | None = None) -> list[str]:
-        """Paths of finished shards within ``arrow_filesystem()`` (default: all, sorted by id).
+    def write_step_manifest(self, step: int, shard_ids: list[str]) -> None:
+        """Record that exactly these committed shards, in this order, make up the step."""
+        shards = []
+        for shard_id in shard_ids:
+            marker = self.read_marker(shard_id)
+            if marker is None:
+                raise FileNotFoundError(f"shard {shard_id} is not finished in {self.uri}")
+            shards.append({"shard_id": shard_id, "rows": marker["rows"], "sha256": marker["sha256"]})
+        self._put(self.step_manifest_path(step), json.dumps({"step": step, "shards": shards}).encode())
 
-        For Ray Data: ``ray.data.read_parquet(store.parquet_paths(), filesystem=store.arrow_filesystem())``.
+    def remove_step_manifest(self, step: int) -> None:
+        """Withdraw a step's manifest (its shards are about to be rewritten); no error if there is none."""
+        path = self.step_manifest_path(step)
+        self.fs.invalidate_cache(path)
+        if self.fs.exists(path):
+            self.fs.rm_file(path)
+
+    def step_shards(self, step: int) -> list[str]:
+        """Ids of the shards in a step's manifest, in order, each checked to be still as committed then."""
+        try:
+            manifest = self._read_json(self.step_manifest_path(step))
+        except FileNotFoundError:
+            manifest = None
+        if manifest is None or not isinstance(manifest.get("shards"), list):
+            raise FileNotFoundError(f"step {step} has no readable manifest in {self.uri}")
+        ids = []
+        for entry in manifest["shards"]:
+            if not isinstance(entry, dict) or "shard_id" not in entry or "sha256" not in entry:
+                raise FileNotFoundError(f"step {step} has no readable manifest in {self.uri}")
+            marker = self.read_marker(entry["shard_id"])
+            if marker is None or marker["sha256"] != entry["sha256"]:
+                raise ValueError(
+                    f"shard {entry['shard_id']} in {self.uri} has changed since step {step}'s manifest was written"
+                )
+            ids.append(entry["shard_id"])
+        return ids
+
+    def read_step(self, step: int) -> SyntheticSet:
+        """The images of the shards in a step's manifest, in order."""
+        return self.read_all(self.step_shards(step))
+
+    def parquet_paths(self, shard_ids: list[str] | None = None, step: int | None = None) -> list[str]:
+        """Paths of finished shards within ``arrow_filesystem()``: the given ones, those of a step's manifest, or all.
+
+        For Ray Data: ``ray.data.read_parquet(store.parquet_paths(step=N), filesystem=store.arrow_filesystem())``.
+        Without ``shard_ids`` or ``step``: every finished shard, sorted by id, including shards of a step
+        left over from a run with another shard size.
         """
+        if step is not None:
+            if shard_ids is not None:
+                raise ValueError("give shard_ids or step, not both")
+            return [self.data_path(s) for s in self.step_shards(step)]
         done = self.done()
         ids = sorted(done) if shard_ids is None else shard_ids
         missing = [s for s in ids if s not in done]

@@ -34,7 +34,9 @@ def pyarrow_filesystem(uri: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write a whole file so that readers see either nothing or all of it.
 
-    Locally: temporary file + rename. On object stores: one PUT of the final key, which is atomic.
+    Locally: temporary file, fsync, rename, fsync of the directory, so that after a crash the name
+    holds either the old or the new bytes, never a truncated file. On object stores: one PUT of the
+    final key, which is atomic.
     """
     fs, path = fsspec.core.url_to_fs(uri)
     if is_local(uri):
@@ -45,10 +47,18 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             os.fchmod(fd, 0o644)  # mkstemp creates 0600; run files are meant to be read by others too
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.remove(tmp)
             raise
+        # The rename itself is durable only once the directory entry is on disk.
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     else:
         fs.pipe_file(path, data)

@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 import pytest
 import ray
@@ -8,9 +10,9 @@ import torch
 from conftest import storage_options
 from hrhf.config import Config, InversionConfig
 from hrhf.distributed.synthesis import FAULT_DIR_ENV, RaySynthesizer, model_id
-from hrhf.inversion import make_targets
+from hrhf.inversion import NonFiniteError, make_targets
 from hrhf.models import build_model
-from hrhf.shards import ShardStore
+from hrhf.shards import ShardStore, make_shards
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +20,7 @@ def faults(tmp_path_factory):
     """A Ray instance whose workers read fault-injection files from the returned directory."""
     directory = tmp_path_factory.mktemp("faults")
     os.environ[FAULT_DIR_ENV] = str(directory)  # workers inherit the environment of ray.init
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own instance, not another test's cluster
     yield directory
     ray.shutdown()
     del os.environ[FAULT_DIR_ENV]
@@ -142,3 +144,71 @@ def test_teacher_that_actors_cannot_rebuild_fails_at_once(faults, cfg, teacher):
         RaySynthesizer(cfg, shard_size=12, log=lines.append).synthesize(wrong, targets(), step=6)
     assert "size mismatch" in str(err.value)
     assert not any("lost its actor" in line for line in lines)  # no retries: a new actor would fail the same way
+
+
+def test_damaged_and_stale_shards_are_recomputed(faults, cfg, teacher, tmp_path):
+    lines = []
+    synth = RaySynthesizer(cfg, store_uri=str(tmp_path), shard_size=4, log=lines.append)
+    first = synth.synthesize(teacher, targets(), step=7)
+    store = ShardStore(str(tmp_path))
+    truncated, other_seeds, intact = "step7-00000", "step7-00001", "step7-00002"
+    data = (tmp_path / "shards" / f"{truncated}.parquet").read_bytes()
+    (tmp_path / "shards" / f"{truncated}.parquet").write_bytes(data[: len(data) - 100])
+    marker = json.loads((tmp_path / "_done" / f"{other_seeds}.json").read_text())
+    (tmp_path / "_done" / f"{other_seeds}.json").write_text(json.dumps({**marker, "seeds": [1, 2, 3, 4]}))
+    kept = os.stat(store.data_path(intact)).st_mtime_ns
+
+    lines.clear()
+    second = synth.synthesize(teacher, targets(), step=7)
+    warnings = [line for line in lines if "warning:" in line]
+    assert len(warnings) == 2
+    assert f"shard {truncated}" in warnings[0] and "bytes, its marker says" in warnings[0]
+    assert f"shard {other_seeds}" in warnings[1] and "other targets" in warnings[1]
+    assert any("1/3 shards found" in line for line in lines)
+    assert any("synthesis shards 3/3 images=8" in line for line in lines)  # the two bad shards, redone
+    assert os.stat(store.data_path(intact)).st_mtime_ns == kept
+    assert seeds(second) == [t.seed for t in targets()]
+    assert torch.equal(second.images, first.images) and torch.equal(second.masks, first.masks)
+    for shard_id, part in make_shards(targets(), 4, step=7):
+        assert store.verify(shard_id, [t.seed for t in part], model_id(teacher)) is None
+
+
+def test_shard_size_change_reads_only_the_new_shards(faults, cfg, teacher, tmp_path):
+    expected = [t.seed for t in targets()]
+    RaySynthesizer(cfg, store_uri=str(tmp_path), shard_size=4, log=lambda _: None).synthesize(teacher, targets(), step=8)
+    result = RaySynthesizer(cfg, store_uri=str(tmp_path), shard_size=6, log=lambda _: None).synthesize(
+        teacher, targets(), step=8
+    )
+    store = ShardStore(str(tmp_path))
+    assert store.done() == {"step8-00000", "step8-00001", "step8-00002"}  # the last shard of size 4 is stale
+    assert seeds(result) == expected
+    assert seeds(store.read_step(8)) == expected
+    ds = ray.data.read_parquet(store.parquet_paths(step=8), filesystem=store.arrow_filesystem())
+    assert sorted(row["seed"] for row in ds.select_columns(["seed"]).take_all()) == sorted(expected)
+
+
+def test_nan_in_inversion_fails_the_step_and_writes_nothing(faults, cfg, teacher, tmp_path):
+    broken = build_model("small", 4, width=4).eval()
+    broken.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))  # NaN logits everywhere
+    lines = []
+    synth = RaySynthesizer(cfg, store_uri=str(tmp_path), shard_size=12, log=lines.append)
+    synth.synthesize(teacher, targets(), step=9)  # a finished step, then redone with the broken teacher
+
+    def files():
+        return {p.relative_to(tmp_path): p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+
+    before = files()
+    assert Path("manifests/step-9.json") in before
+    lines.clear()
+    first = targets()[0]
+    with pytest.raises(NonFiniteError) as err:
+        synth.synthesize(broken, targets(), step=9)
+    assert str(err.value).startswith(
+        "[step 9] synthesis of shard step9-00000 failed: inversion loss became non-finite at iteration 1/3 "
+        f"for class {first.class_index} scale 0.1 seed {first.seed}"
+    )
+    assert not any("lost its actor" in line for line in lines)  # deterministic: not retried
+    # No shard or marker written; the step's manifest is withdrawn, as its shards were to be redone.
+    assert files() == {p: t for p, t in before.items() if p.name != "step-9.json"}

@@ -1,13 +1,17 @@
+import hashlib
 import json
 import os
+import stat
 
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
 
 from conftest import storage_options
-from hrhf.inversion import SyntheticSet, make_targets
-from hrhf.shards import SCHEMA, ShardStore, from_table, make_shards, to_table
+from hrhf.inversion import NonFiniteError, SyntheticSet, make_targets
+from hrhf.shards import NO_MARKER, SCHEMA, ShardStore, from_table, make_shards, to_table
+from hrhf.storage import write_bytes_atomic
 
 
 def fake_set(seeds, size=16):
@@ -139,3 +143,118 @@ def test_s3_reader_sees_shards_written_after_its_listing(s3):
     assert reader.done() == {"step1-00000"}  # lists, and caches, the markers folder
     writer.write_shard("step2-00000", to_table(fake_set([7, 8]), "m", 2, "step2-00000"))
     assert [m["seed"] for m in reader.read_all(["step2-00000"]).meta] == [7, 8]
+
+
+def write(store, shard_id, seeds, model="m", step=1):
+    store.write_shard(shard_id, to_table(fake_set(seeds), model, step, shard_id))
+
+
+def test_empty_garbled_and_incomplete_markers_count_as_absent(tmp_path):
+    store = ShardStore(str(tmp_path))
+    write(store, "step1-00000", [1, 2])
+    for shard_id in ("step1-00001", "step1-00002", "step1-00003"):
+        write(store, shard_id, [3, 4])
+    (tmp_path / "_done" / "step1-00001.json").write_bytes(b"")
+    (tmp_path / "_done" / "step1-00002.json").write_bytes(b'{"shard_id": "step1-00002", "rows": 2, "se')
+    (tmp_path / "_done" / "step1-00003.json").write_text(json.dumps({"shard_id": "step1-00003", "rows": 2}))
+    assert set(store.manifest()) == {"step1-00000"}
+    assert store.done() == {"step1-00000"}
+    for shard_id in ("step1-00001", "step1-00002", "step1-00003"):
+        assert store.verify(shard_id, [3, 4], "m") == "commit marker empty, garbled or incomplete"
+        with pytest.raises(FileNotFoundError, match=shard_id):
+            store.read_shard(shard_id)
+    assert store.verify("step1-00009", [3, 4], "m") == NO_MARKER
+
+
+def test_verify_names_what_is_wrong_with_a_shard(tmp_path):
+    store = ShardStore(str(tmp_path))
+    shard = "step1-00000"
+    write(store, shard, [1, 2, 3])
+    data_path = tmp_path / "shards" / f"{shard}.parquet"
+    marker_path = tmp_path / "_done" / f"{shard}.json"
+    good_data, good_marker = data_path.read_bytes(), json.loads(marker_path.read_text())
+    assert store.verify(shard, [1, 2, 3], "m") is None
+    assert "another teacher" in store.verify(shard, [1, 2, 3], "other")
+    assert "other targets" in store.verify(shard, [1, 2, 4], "m")
+
+    data_path.write_bytes(good_data[: len(good_data) // 2])  # truncated by a crash
+    half = len(good_data) // 2
+    assert store.verify(shard, [1, 2, 3], "m") == f"data is {half} bytes, its marker says {len(good_data)}"
+    damaged = bytearray(good_data)
+    damaged[len(damaged) // 2] ^= 0xFF
+    data_path.write_bytes(bytes(damaged))
+    assert store.verify(shard, [1, 2, 3], "m") == "data does not match the checksum in its marker"
+    data_path.unlink()
+    assert store.verify(shard, [1, 2, 3], "m") == "data file missing"
+
+    def with_data(data, **marker_changes):
+        data_path.write_bytes(data)
+        marker = {**good_marker, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        marker_path.write_text(json.dumps({**marker, **marker_changes}))
+        return store.verify(shard, marker_changes.get("seeds", [1, 2, 3]), "m")
+
+    assert with_data(b"PAR1 not really parquet PAR1").startswith("unreadable Parquet")
+    # a sound Parquet file whose rows are not the seeds its marker lists
+    other = ShardStore(str(tmp_path / "other"))
+    write(other, shard, [7, 8, 9])
+    other_data = (tmp_path / "other" / "shards" / f"{shard}.parquet").read_bytes()
+    assert with_data(other_data) == "seed column differs from its marker"
+    assert with_data(good_data) is None
+
+
+def test_local_write_syncs_the_file_then_the_directory(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_bytes_atomic(str(tmp_path / "a" / "file.bin"), b"payload")
+    assert events == ["fsync file", "replace", "fsync dir"]
+    assert (tmp_path / "a" / "file.bin").read_bytes() == b"payload"
+    events.clear()
+    write(ShardStore(str(tmp_path / "synth")), "step1-00000", [1, 2])  # data, then marker
+    assert events == ["fsync file", "replace", "fsync dir"] * 2
+
+
+def test_step_manifest_leaves_out_shards_of_an_earlier_shard_size(tmp_path):
+    store = ShardStore(str(tmp_path))
+    seeds = list(range(100, 112))
+    for i in range(3):  # shards of 4
+        write(store, f"step2-{i:05d}", seeds[4 * i : 4 * i + 4], step=2)
+    store.write_step_manifest(2, ["step2-00000", "step2-00001", "step2-00002"])
+    assert [m["seed"] for m in store.read_step(2).meta] == seeds
+    for i in range(2):  # the same step again in shards of 6, over the same names
+        write(store, f"step2-{i:05d}", seeds[6 * i : 6 * i + 6], step=2)
+    with pytest.raises(ValueError, match="step2-00000 .* has changed since step 2's manifest"):
+        store.read_step(2)
+    store.write_step_manifest(2, ["step2-00000", "step2-00001"])
+    assert store.done() == {"step2-00000", "step2-00001", "step2-00002"}  # the stale shard stays on disk
+    assert [m["seed"] for m in store.read_step(2).meta] == seeds
+    paths = store.parquet_paths(step=2)
+    assert paths == [store.data_path("step2-00000"), store.data_path("step2-00001")]
+    assert pq.read_table(paths).column("seed").to_pylist() == seeds
+    assert len(store.parquet_paths()) == 3  # all finished shards: what a step's reader must not use
+    saved = json.loads((tmp_path / "manifests" / "step-2.json").read_text())
+    assert [e["rows"] for e in saved["shards"]] == [6, 6]
+    assert saved["shards"][0]["sha256"] == store.manifest()["step2-00000"]["sha256"]
+    with pytest.raises(FileNotFoundError, match="step 3"):
+        store.parquet_paths(step=3)
+
+
+def test_non_finite_float_images_are_not_written(tmp_path):
+    synthetic = fake_set([5, 6, 7])
+    synthetic.images = synthetic.images.float()
+    synthetic.images[1, 0, 2, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"seeds \[6\]"):
+        to_table(synthetic, "m", 1, "step1-00000")
+    synthetic.images[1, 0, 2, 3] = 0.0
+    with pytest.raises(TypeError, match="uint8"):
+        to_table(synthetic, "m", 1, "step1-00000")

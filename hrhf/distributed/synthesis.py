@@ -1,8 +1,10 @@
 """Synthesis on Ray: a pool of SegInversion actors, one shard of targets per task.
 
 Finished shards go to a ``ShardStore`` (local directory or object store, resumable) or come back
-through Ray's object store. A shard whose actor dies is retried, by Ray on the restarted actor and
-then here on a fresh one.
+through Ray's object store. On resume every shard of the step is verified against its marker and the
+targets, and any shard that is missing, damaged or stale is recomputed; a finished step is recorded in
+the store's per-step manifest and read back through it. A shard whose actor dies is retried, by Ray on
+the restarted actor and then here on a fresh one; a NaN in inversion fails the step at once.
 """
 
 from __future__ import annotations
@@ -17,15 +19,16 @@ from typing import Any
 import ray
 import torch
 from ray.exceptions import RayActorError  # base of ActorDiedError and ActorUnavailableError
+from ray.exceptions import RayTaskError
 from torch import nn
 
 from hrhf.config import Config, InversionConfig
 from hrhf.distributed import peak_rss_mb
-from hrhf.inversion import SegInversion, SyntheticSet, Target
+from hrhf.inversion import NonFiniteError, SegInversion, SyntheticSet, Target
 from hrhf.models import build_model, num_outputs
 from hrhf.progress import as_progress
+from hrhf.shards import NO_MARKER, ShardStore, make_shards, to_table
 from hrhf.storage import write_bytes_atomic
-from hrhf.shards import ShardStore, make_shards, to_table
 
 # A directory of files named by shard id, each holding how many more times a worker should exit
 # when it starts that shard: fault injection for recovery tests.
@@ -149,31 +152,43 @@ class RaySynthesizer:
         shards = make_shards(targets, self.shard_size, step)
         teacher_id = model_id(teacher)
         todo = self._unfinished(shards, teacher_id, step)
+        if self.store is not None and todo:
+            self.store.remove_step_manifest(step)  # it would name shards that are about to be rewritten
         results = self._run(teacher, todo, step, teacher_id, finished=len(shards) - len(todo), total=len(shards))
         if self.store is not None:
-            synthetic = self.store.read_all([shard_id for shard_id, _ in shards])
+            synthetic = self._publish_step(shards, todo, teacher_id, step)
         else:
             synthetic = SyntheticSet.concat([results[shard_id] for shard_id, _ in shards])
         check_seeds(synthetic, seeds)
         return synthetic
 
     def _unfinished(self, shards: list[Shard], teacher_id: str, step: int) -> list[Shard]:
+        """The shards not in the store as sound, committed shards of this teacher and these targets."""
         if self.store is None:
             return shards
-        manifest = self.store.manifest()
         todo = []
         for shard_id, shard_targets in shards:
-            entry = manifest.get(shard_id)
-            if entry is None:
-                todo.append((shard_id, shard_targets))
-            elif entry["model_id"] != teacher_id or entry["seeds"] != [t.seed for t in shard_targets]:
-                self.log.event("synthesis", step, f"shard {shard_id} in {self.store.uri} was made from another "
-                               "teacher or other targets; redoing it", level="warning")
-                todo.append((shard_id, shard_targets))
+            reason = self.store.verify(shard_id, [t.seed for t in shard_targets], teacher_id)
+            if reason is None:
+                continue
+            if reason != NO_MARKER:
+                self.log.event("synthesis", step, f"shard {shard_id} in {self.store.uri} cannot be reused "
+                               f"({reason}); redoing it", level="warning")
+            todo.append((shard_id, shard_targets))
         found = len(shards) - len(todo)
         if found:
             self.log.event("synthesis", step, f"{found}/{len(shards)} shards found in {self.store.uri}, not recomputed")
         return todo
+
+    def _publish_step(self, shards: list[Shard], computed: list[Shard], teacher_id: str, step: int) -> SyntheticSet:
+        """Verify the shards just written, record the step's manifest, and read the step back through it."""
+        for shard_id, shard_targets in computed:
+            reason = self.store.verify(shard_id, [t.seed for t in shard_targets], teacher_id)
+            if reason is not None:
+                raise RuntimeError(f"[step {step}] shard {shard_id} in {self.store.uri} is not sound right after "
+                                   f"it was written: {reason}")
+        self.store.write_step_manifest(step, [shard_id for shard_id, _ in shards])
+        return self.store.read_step(step)
 
     def _run(
         self, teacher: nn.Module, todo: list[Shard], step: int, teacher_id: str, finished: int, total: int
@@ -212,6 +227,11 @@ class RaySynthesizer:
                 actor, shard_id, shard_targets = running.pop(ref)
                 try:
                     results[shard_id] = ray.get(ref)
+                except RayTaskError as err:
+                    if isinstance(err.cause, NonFiniteError):  # deterministic: a retry would fail the same way
+                        message = f"[step {step}] synthesis of shard {shard_id} failed: {err.cause}"
+                        raise NonFiniteError(message) from err
+                    raise
                 except RayActorError as err:
                     failures[shard_id] += 1
                     if err.actor_init_failed or failures[shard_id] > self.max_retries:
