@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class DataConfig:
     train_size: int = 2000  # shapes: number of training images
     val_size: int = 400  # shapes: number of validation images
     data_seed: int = 0  # shapes: generator seed
+    shapes_version: int = 1  # shapes generator: 1 uniform class co-occurrence, 2 VOC-like scenes
     cache_dir: str | None = None  # where computed step splits are cached
 
 
@@ -132,6 +134,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+AT_LEAST_ONE = ("train.epochs_base", "train.epochs_step", "train.batch_size", "inversion.batch_size",
+                "inversion.images_per_scale", "data.image_size", "data.train_size", "data.val_size", "model.width")
+POSITIVE = ("train.lr_base", "train.lr_step", "train.head_lr_mult", "inversion.lr", "method.kd_temperature")
+NON_NEGATIVE = ("train.weight_decay", "train.clip_grad", "train.num_workers", "inversion.iterations",
+                "inversion.w_bn", "inversion.first_bn_mult", "inversion.w_tv", "inversion.w_l2", "inversion.jitter",
+                "method.w_kd_real", "method.w_fake", "method.w_ce_fake")
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict of a config (JSON / YAML / torch-checkpoint safe)."""
     return dataclasses.asdict(cfg)
@@ -160,6 +170,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return [_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot, no sign in the exponent) as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is bool and isinstance(value, bool):
@@ -215,14 +230,23 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"inversion.scales must be non-empty values in (0, 1], got {cfg.inversion.scales}")
     if not 0.0 <= cfg.method.fake_ratio < 1.0:
         raise ValueError(f"method.fake_ratio must be in [0, 1), got {cfg.method.fake_ratio}")
-    for key in ("train.epochs_base", "train.epochs_step", "train.batch_size", "inversion.batch_size",
-                "inversion.images_per_scale", "data.image_size", "data.train_size", "data.val_size"):
+    for key in AT_LEAST_ONE:
         if flat[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {flat[key]}")
-    if cfg.inversion.iterations < 0:
-        raise ValueError(f"inversion.iterations must be >= 0, got {cfg.inversion.iterations}")
+    for key in POSITIVE:  # comparisons written so that NaN fails them too
+        if not 0 < flat[key] < math.inf:
+            raise ValueError(f"{key} must be a finite value > 0, got {flat[key]}")
+    for key in NON_NEGATIVE:
+        if not 0 <= flat[key] < math.inf:
+            raise ValueError(f"{key} must be a finite value >= 0, got {flat[key]}")
+    if not (cfg.threads >= 0):
+        raise ValueError(f"threads must be >= 0, got {cfg.threads}")
+    if cfg.device != "cpu" and cfg.device != "cuda" and not cfg.device.startswith("cuda:"):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.data.dataset != "shapes" and not cfg.data.root:
         raise ValueError(f"data.root is required for dataset {cfg.data.dataset!r} (a path or s3:// URI)")
+    if cfg.data.shapes_version not in (1, 2):
+        raise ValueError(f"data.shapes_version must be 1 or 2, got {cfg.data.shapes_version}")
     if cfg.data.class_order is not None and cfg.data.order_seed is not None:
         raise ValueError("give data.class_order or data.order_seed, not both")
     return cfg

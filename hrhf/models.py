@@ -189,12 +189,29 @@ def load_checkpoint(uri: str, device: str = "cpu") -> tuple[nn.Module, dict[str,
     """Load a checkpoint with ``weights_only=True``; returns the rebuilt model and the payload."""
     try:
         with fsspec.open(uri, "rb") as f:
-            payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+            data = f.read()
     except FileNotFoundError as err:
         raise FileNotFoundError(f"checkpoint not found: {uri}") from err
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or damaged files fail in zipfile, pickle or torch itself
+        raise ValueError(f"{uri} is not a readable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{uri} is not an hrhf checkpoint")
     spec = payload["model"]
     model = build_model(spec["name"], spec["num_outputs"], spec["width"])
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(f"{uri}: weights do not fit a {spec['name']} model ({str(err).splitlines()[0]})") from None
     return model.to(device), payload
+
+
+def check_architecture(payload: dict[str, Any], name: str, width: int, uri: str) -> None:
+    """Raise ValueError unless a checkpoint holds the configured architecture (width counts for ``small`` only)."""
+    spec = payload["model"]
+    if spec["name"] != name or (name == "small" and spec["width"] != width):
+        raise ValueError(
+            f"checkpoint {uri} holds a {spec['name']} model (width {spec['width']}) but the config asks for "
+            f"{name} (width {width}); set model.name / model.width to match or use another checkpoint"
+        )

@@ -6,6 +6,8 @@ implementations here run in-process, and the Ray layer supplies distributed ones
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import copy
 import json
 import time
@@ -23,11 +25,12 @@ from hrhf import config as config_lib
 from hrhf.config import Config
 from hrhf.data import build_step_datasets, make_source
 from hrhf.data.transforms import eval_transform, train_transform
-from hrhf.inversion import SegInversion, SyntheticSet, Target, make_targets
+from hrhf.inversion import NonFiniteError, SegInversion, SyntheticSet, Target, make_targets
 from hrhf.metrics import summarize
-from hrhf.models import build_model, load_checkpoint, save_checkpoint, widen_classifier
+from hrhf.lease import RunLease
+from hrhf.models import build_model, check_architecture, load_checkpoint, save_checkpoint, widen_classifier
 from hrhf.plots import gallery_png, miou_per_step_png, per_class_iou_png
-from hrhf.progress import as_progress
+from hrhf.progress import Progress, as_progress
 from hrhf.report import References, gallery_name, html_report, markdown_report, percent, references_of
 from hrhf.storage import write_bytes_atomic
 from hrhf.tasks import Task, make_task
@@ -106,23 +109,26 @@ class LocalTrainer:
             if self.after_epoch is not None:
                 self.after_epoch(job, epoch, stats)
 
-        return fit(
-            job.student,
-            job.teacher,
-            job.real,
-            job.fake,
-            cfg.method,
-            job.n_old,
-            job.epochs,
-            job.lr,
-            cfg.train.batch_size,
-            cfg.train.weight_decay,
-            seed=cfg.seed * 100 + job.step,
-            num_workers=cfg.train.num_workers,
-            device=cfg.device,
-            **step_train_options(cfg, incremental=job.teacher is not None),
-            on_epoch=on_epoch,
-        )
+        try:
+            return fit(
+                job.student,
+                job.teacher,
+                job.real,
+                job.fake,
+                cfg.method,
+                job.n_old,
+                job.epochs,
+                job.lr,
+                cfg.train.batch_size,
+                cfg.train.weight_decay,
+                seed=cfg.seed * 100 + job.step,
+                num_workers=cfg.train.num_workers,
+                device=cfg.device,
+                **step_train_options(cfg, incremental=job.teacher is not None),
+                on_epoch=on_epoch,
+            )
+        except NonFiniteError as err:
+            raise NonFiniteError(f"step {job.step}, {err}; nothing of this step was saved") from None
 
 
 def step_train_options(cfg: Config, incremental: bool) -> dict[str, float | bool]:
@@ -144,8 +150,9 @@ def sources_of(cfg: Config) -> tuple[Dataset, Dataset]:
     """Training and validation sources of the configured dataset."""
     data = cfg.data
     if data.dataset == "shapes":
-        train = make_source("shapes", "train", image_size=data.image_size, size=data.train_size, seed=data.data_seed)
-        val = make_source("shapes", "val", image_size=data.image_size, size=data.val_size, seed=data.data_seed)
+        shapes = {"image_size": data.image_size, "seed": data.data_seed, "shapes_version": data.shapes_version}
+        train = make_source("shapes", "train", size=data.train_size, **shapes)
+        val = make_source("shapes", "val", size=data.val_size, **shapes)
     else:
         splits = {"voc": ("train", "val"), "ade": ("training", "validation")}[data.dataset]
         train = make_source(data.dataset, splits[0], root=data.root)
@@ -226,19 +233,25 @@ class RunDir:
         if self.uri is not None:
             write_bytes_atomic(self.path(name), data)
 
-    def claim(self, cfg: Config) -> None:
-        """Record the config, or check that an existing run directory holds the same one."""
+    def existing_config(self) -> dict[str, Any] | None:
+        """The config recorded in the run directory, or None for a new one; OSError when it cannot be reached."""
         if self.uri is None:
-            return
-        wanted = config_lib.to_dict(cfg)
+            return None
         try:
-            existing = yaml.safe_load(self.read_text("config.yaml")) if self.exists("config.yaml") else None
-            if existing is None:
-                self.write_text("config.yaml", yaml.safe_dump(wanted, sort_keys=False))
-                return
+            return yaml.safe_load(self.read_text("config.yaml")) if self.exists("config.yaml") else None
         except Exception as err:  # botocore's connection errors are not OSErrors
-            raise OSError(f"run directory {self.uri} is not reachable or not writable: {err}") from err
-        theirs, ours = _flatten(existing), _flatten(wanted)
+            raise OSError(f"run directory {self.uri} is not reachable: {err}") from err
+
+    def check(self, cfg: Config) -> None:
+        """Raise ValueError if the run directory holds another run's config; reads only."""
+        existing = self.existing_config()
+        if existing is None:
+            return
+        try:  # a key added to the config since that run was made holds its default there
+            existing = config_lib.to_dict(config_lib.from_dict(existing))
+        except ValueError:
+            pass  # compared as it is: the difference is then reported key by key
+        theirs, ours = _flatten(existing), _flatten(config_lib.to_dict(cfg))
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k) and k not in RUNTIME_KEYS)
         if diff:
             raise ValueError(
@@ -246,20 +259,46 @@ class RunDir:
                 "use a new run directory or the same config"
             )
 
+    def claim(self, cfg: Config) -> None:
+        """Record the config, or check that an existing run directory holds the same one."""
+        if self.uri is None:
+            return
+        self.check(cfg)
+        if not self.exists("config.yaml"):
+            try:
+                self.write_text("config.yaml", yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+            except Exception as err:  # botocore's connection errors are not OSErrors
+                raise OSError(f"run directory {self.uri} is not writable: {err}") from err
 
-def preflight(cfg: Config, run_dir: str | None) -> Task:
-    """Every check that can fail before work starts: config, run directory, base checkpoint, data.
 
-    Raises ValueError / FileNotFoundError / OSError with a message naming the culprit; writes only the
-    run directory's config.yaml (when the directory is new).
+def check_source(source: Dataset, threads: int = 8) -> None:
+    """Decode every image and mask of a file-backed source; ValueError / FileNotFoundError names the first bad file.
+
+    Catches truncated or empty files, masks of another size and labels out of range before any step
+    trains, instead of at the image's first use hours in.
+    """
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # PIL decodes and fsspec reads release the GIL
+        for _ in pool.map(source.load, range(len(source))):
+            pass
+
+
+def preflight(cfg: Config, run_dir: str | None, check_data: bool = True) -> Task:
+    """Every check that can fail before work starts: config, run directory, base checkpoint, data; writes nothing.
+
+    Raises ValueError / FileNotFoundError / OSError with a message naming the culprit. ``check_data``
+    decodes every real image and mask once (the procedural dataset needs no check).
     """
     config_lib.validate(cfg)
     task = task_of(cfg)
-    RunDir(run_dir).claim(cfg)
+    RunDir(run_dir).check(cfg)
     if cfg.train.init_checkpoint and not cfg.method.joint:
         _, payload = load_checkpoint(cfg.train.init_checkpoint)
+        check_architecture(payload, cfg.model.name, cfg.model.width, cfg.train.init_checkpoint)
         _checkpoint_classes_match(payload, task, 0)
-    sources_of(cfg)
+    sources = sources_of(cfg)
+    if check_data and cfg.data.dataset != "shapes":
+        for source in sources:
+            check_source(source)
     return task
 
 
@@ -271,23 +310,56 @@ def run(
     log: Log = print,
     last_step: int | None = None,
     first_step: int = 0,
+    lease: RunLease | None = None,
 ) -> dict[str, Any]:
     """Run the steps of the configured protocol (``first_step`` to ``last_step``) and return the report.
 
     With a ``run_dir``, each finished step is checkpointed there and a rerun resumes after it; the run
     directory also receives each synthesis step's gallery and, at the end, the report files
-    (``write_report``). Only joint training, whose steps are independent, may start after step 0.
-    ``log`` is a plain log function or a ``Progress`` receiving structured events.
+    (``write_report``). The run directory is leased for the whole run: pass the ``lease`` a job took
+    before its checks, or ``run`` takes one itself (LeaseHeldError when another job holds it). Only
+    joint training, whose steps are independent, may start after step 0. ``log`` is a plain log
+    function or a ``Progress`` receiving structured events.
     """
     config_lib.validate(cfg)
     if first_step and not cfg.method.joint:
         raise ValueError("only joint training can skip steps: every other method starts from the previous model")
+    with contextlib.ExitStack() as stack:
+        if run_dir is not None and lease is None:
+            lease = stack.enter_context(RunLease(run_dir).acquire())
+        return _run_steps(cfg, RunDir(run_dir), synthesizer, trainer, as_progress(log), first_step, last_step, lease)
+
+
+def _load_finished_step(rundir: RunDir, step: int, task: Task, cfg: Config, progress: Progress) -> tuple[nn.Module, dict] | None:
+    """The checkpoint of a finished step, or None when there is none or it is damaged (then set aside)."""
+    name = f"step-{step}.pt"
+    if not rundir.exists(name):
+        return None
+    try:
+        model, payload = load_checkpoint(rundir.path(name), cfg.device)
+    except ValueError as err:
+        rundir.fs.mv(rundir.path(name), rundir.path(f"{name}.damaged"))
+        progress.event("run", step, f"{err}; moved it to {name}.damaged and recomputing the step", level="warning")
+        return None
+    check_architecture(payload, cfg.model.name, cfg.model.width, rundir.path(name))
+    _checkpoint_classes_match(payload, task, step)
+    return model, payload
+
+
+def _run_steps(
+    cfg: Config,
+    rundir: RunDir,
+    synthesizer: Synthesizer | None,
+    trainer: Trainer | None,
+    progress: Progress,
+    first_step: int,
+    last_step: int | None,
+    lease: RunLease | None,
+) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     task = task_of(cfg)
-    rundir = RunDir(run_dir)
     rundir.claim(cfg)
-    progress = as_progress(log)
     synthesizer = synthesizer or LocalSynthesizer(cfg, progress)
     trainer = trainer or LocalTrainer(progress)
     sources = sources_of(cfg)
@@ -296,14 +368,19 @@ def run(
                                        "steps": [list(s) for s in task.steps]},
                               "method": cfg.method.name, "config": config_lib.to_dict(cfg), "steps": []}
     model: nn.Module | None = None
+    recomputed = False  # once a step is trained again, later checkpoints came from another model
     for step in range(first_step, task.num_steps if last_step is None else last_step + 1):
         ckpt_name = f"step-{step}.pt"
-        if rundir.exists(ckpt_name):
-            model, payload = load_checkpoint(rundir.path(ckpt_name), cfg.device)
-            _checkpoint_classes_match(payload, task, step)
+        if recomputed and rundir.exists(ckpt_name):
+            rundir.fs.rm_file(rundir.path(ckpt_name))
+            progress.event("run", step, f"removed {ckpt_name}: an earlier step was recomputed", level="warning")
+        finished = None if recomputed else _load_finished_step(rundir, step, task, cfg, progress)
+        if finished is not None:
+            model, payload = finished
             report["steps"].append(payload["extra"]["result"])
             progress.event("run", step, f"found {ckpt_name} in the run directory, not recomputed")
             continue
+        recomputed = rundir.uri is not None and not cfg.method.joint
         torch.manual_seed(cfg.seed * 100 + step)
         real, val = step_datasets(cfg, task, step, sources)
         n_old, n_seen = len(task.old_classes(step)), task.num_seen(step)
@@ -313,6 +390,7 @@ def run(
         if cfg.method.joint or step == 0:
             if step == 0 and cfg.train.init_checkpoint and not cfg.method.joint:
                 model, payload = load_checkpoint(cfg.train.init_checkpoint, cfg.device)
+                check_architecture(payload, cfg.model.name, cfg.model.width, cfg.train.init_checkpoint)
                 _checkpoint_classes_match(payload, task, 0)
                 progress.event("training", 0, f"starting from {cfg.train.init_checkpoint}")
                 student = None
@@ -355,6 +433,8 @@ def run(
         progress.event("evaluation", step, "mIoU (%)",
                        **{k: percent(metrics[k]) for k in ("old", "new", "all", "background")})
         report["steps"].append(result)
+        if lease is not None:
+            lease.check()
         if rundir.uri is not None and fake:
             classes = task.old_classes(step)
             rundir.write_bytes(gallery_name(step), gallery_png(
@@ -366,6 +446,8 @@ def run(
                             classes=[list(task.steps[s]) for s in range(step + 1)], step=step,
                             config=config_lib.to_dict(cfg), extra={"result": json.loads(json.dumps(result))})
     if rundir.uri is not None:
+        if lease is not None:
+            lease.check()
         written = write_report(rundir, report)
         progress.event("report", None, f"{', '.join(written)} written to {rundir.uri}")
     return report

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hrhf.config import MethodConfig
 from hrhf.pixels import normalize
-from hrhf.inversion import SyntheticSet
+from hrhf.inversion import NonFiniteError, SyntheticSet
 from hrhf.losses import predicted_classes
 from hrhf.methods import needs_teacher_on_real, step_loss
 from hrhf.metrics import ConfusionMatrix
@@ -78,6 +78,7 @@ def train_steps(
     ``freeze_bn`` keeps BatchNorm layers on their running statistics (still training their affine
     weights), so that neither a shift in the step's data nor the synthetic half moves them.
     ``clip_grad`` > 0 clips the gradient norm, which keeps rare loss spikes from wiping out a step.
+    A non-finite loss or gradient raises NonFiniteError before the optimiser steps.
     """
     student.train()
     if freeze_bn:
@@ -111,12 +112,19 @@ def train_steps(
             student_fake=None if fake_images is None else outputs[n_real:],
             teacher_fake=None if fake_images is None or teacher_out is None else teacher_out[n_real:],
         )
+        parts["loss"] = float(loss.detach())
+        if not math.isfinite(parts["loss"]):
+            terms = ", ".join(f"{name}={value:.4g}" for name, value in parts.items())
+            raise NonFiniteError(f"iteration {it}: non-finite loss ({terms})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # The norm is computed even without clipping: a non-finite gradient must stop the step, not reach the weights.
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip_grad if clip_grad > 0 else math.inf))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteError(f"iteration {it}: non-finite gradient norm (loss {parts['loss']:.4g})")
         if clip_grad > 0:
-            parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip_grad))
+            parts["grad_norm"] = grad_norm
         optimizer.step()
-        parts["loss"] = float(loss.detach())
         for name, value in parts.items():
             totals[name] = totals.get(name, 0.0) + value
         count += 1
@@ -186,7 +194,11 @@ def fit(
     it = 0
     for epoch in range(epochs):
         batches = mixed_batches(loader, fake if method.fake else None, method.fake_ratio, generator)
-        it, stats = train_steps(student, teacher, batches, optimizer, lr_at, it, method, n_old, device, freeze_bn, clip_grad)
+        try:
+            it, stats = train_steps(student, teacher, batches, optimizer, lr_at, it, method, n_old, device, freeze_bn,
+                                    clip_grad)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"epoch {epoch + 1}/{epochs}, {err}") from None
         if on_epoch is not None:
             on_epoch(epoch, stats)
     return student

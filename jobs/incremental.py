@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from hrhf.cli import add_config_arguments, add_progress_arguments, config_from_args, progress_from_args
+from hrhf.config import Config
+from hrhf.inversion import NonFiniteError
+from hrhf.lease import STALE_AFTER_S, LeaseHeldError, RunLease
 from hrhf.pipeline import preflight, run
 from hrhf.progress import Progress
 from hrhf.report import markdown_report
@@ -38,42 +42,89 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-failures", type=int, default=2, help="train worker failures to recover from")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray address (default: local Ray)")
     parser.add_argument("--in-process", action="store_true", help="run without Ray")
+    parser.add_argument("--take-over-lease", action="store_true",
+                        help="take the run directory over from a job whose lease went stale (it crashed or was killed)")
+    parser.add_argument("--lease-timeout", type=float, default=STALE_AFTER_S,
+                        help="seconds without a heartbeat after which a run directory's lease counts as stale")
+    parser.add_argument("--skip-data-check", action="store_true",
+                        help="do not decode every real image and mask before step 0 (they are then checked when used)")
     return add_progress_arguments(parser)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raise ValueError for job arguments no run can use."""
+    for name in ("synthesis_actors", "train_workers", "shard_size", "max_failures"):
+        value, least = getattr(args, name), 0 if name == "max_failures" else 1
+        if value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    for name in ("cpus_per_actor", "cpus_per_worker", "lease_timeout"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.gpu and args.in_process:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--gpu with --in-process needs CUDA, and torch finds no CUDA device on this machine")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Check everything, then run every step and print the Markdown report (or its JSON record)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # `ray job stop` sends SIGTERM: leave through the normal exits, so that the run directory's lease is released.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
+        check_arguments(args)
         cfg = config_from_args(args)
         if args.gpu:
             cfg.device = "cuda"
         run_dir = absolute_uri(args.run_dir)
-        preflight(cfg, run_dir)
-    except (ValueError, FileNotFoundError, OSError) as err:
+        preflight(cfg, run_dir, check_data=not args.skip_data_check)
+        if not args.in_process:
+            connect_ray(args)
+        lease = RunLease(run_dir, stale_after_s=args.lease_timeout).acquire(takeover=args.take_over_lease)
+    except (ValueError, FileNotFoundError, OSError, LeaseHeldError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     progress = progress_from_args(args)
-    if args.in_process:
-        report = run(cfg, run_dir=run_dir, log=progress)
-    else:
-        report = run_on_ray(cfg, run_dir, args, progress)
+    with lease:
+        try:
+            if args.in_process:
+                report = run(cfg, run_dir=run_dir, log=progress, lease=lease)
+            else:
+                report = run_on_ray(cfg, run_dir, args, progress, lease)
+        except (NonFiniteError, LeaseHeldError, OSError) as err:  # OSError: disk full, storage gone, ...
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     progress.final(report, markdown_report(report))
     return 0
 
 
-def run_on_ray(cfg, run_dir: str, args: argparse.Namespace, progress: Progress) -> dict:
-    """The pipeline with Ray actors for synthesis and Ray Train for distillation."""
+def connect_ray(args: argparse.Namespace) -> None:
+    """Connect to (or start) Ray; ValueError when --gpu asks for GPUs that this cluster can never have."""
     import ray
-
-    from hrhf.distributed.synthesis import RaySynthesizer
-    from hrhf.distributed.training import RayTrainer
-    from hrhf.storage import pyarrow_filesystem
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # Worker output would break JSON-only or quiet stdout; the progress events all come from this driver.
     ray.init(address=args.address, log_to_driver=not (args.quiet or args.log_format == "json"))
+    if args.gpu and not ray.cluster_resources().get("GPU"):
+        # An autoscaling cluster may start without GPU nodes; one whose node types offer none never gets any.
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+        if most is None and args.address is None:
+            most = {}  # the local Ray this job started: no autoscaler
+        if most is not None and not most.get("GPU"):
+            ray.shutdown()
+            raise ValueError("--gpu: the Ray cluster has no GPU and its configuration cannot add any")
+
+
+def run_on_ray(cfg: Config, run_dir: str, args: argparse.Namespace, progress: Progress, lease: RunLease) -> dict:
+    """The pipeline with Ray actors for synthesis and Ray Train for distillation."""
+    from hrhf.distributed.synthesis import RaySynthesizer
+    from hrhf.distributed.training import RayTrainer
+    from hrhf.storage import pyarrow_filesystem
+
     synthesizer = RaySynthesizer(
         cfg,
         num_actors=args.synthesis_actors,
@@ -93,7 +144,7 @@ def run_on_ray(cfg, run_dir: str, args: argparse.Namespace, progress: Progress) 
         max_failures=args.max_failures,
         log=progress,
     )
-    return run(cfg, run_dir=run_dir, synthesizer=synthesizer, trainer=trainer, log=progress)
+    return run(cfg, run_dir=run_dir, synthesizer=synthesizer, trainer=trainer, log=progress, lease=lease)
 
 
 if __name__ == "__main__":

@@ -58,3 +58,9 @@ def test_dict_roundtrip():
     cfg = load_config("smoke", method="mib", overrides=["data.class_order=[10,9,8,7,6,5,4,3,2,1]"])
     again = from_dict(to_dict(cfg))
     assert again == cfg and isinstance(again, Config)
+
+
+def test_exponent_without_a_dot_is_a_float():
+    # YAML 1.1 reads 1e-3 as a string; a learning rate written that way must still work
+    cfg = load_config("smoke", overrides=["train.lr_step=1e-3"])
+    assert cfg.train.lr_step == 0.001

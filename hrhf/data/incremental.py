@@ -102,16 +102,18 @@ def make_source(
     size: int | None = None,
     seed: int = 0,
     storage_options: dict | None = None,
+    shapes_version: int = 1,
 ) -> SegmentationSource:
     """Build a source by dataset name.
 
-    shapes: `size` items (default 2000 for train, 500 otherwise) of `image_size` px from `seed`.
+    shapes: `size` items (default 2000 for train, 500 otherwise) of `image_size` px from `seed`, drawn by
+    generator `shapes_version`.
     voc / ade: read from `root`; `size`, if given, keeps only the first `size` listed items.
     """
     if name == "shapes":
         if size is None:
             size = 2000 if split == "train" else 500
-        return ShapesDataset(split=split, size=size, image_size=image_size, seed=seed)
+        return ShapesDataset(split=split, size=size, image_size=image_size, seed=seed, version=shapes_version)
     if name not in ("voc", "ade"):
         raise ValueError(f"unknown dataset {name!r}; known datasets: ['shapes', 'voc', 'ade']")
     if root is None:

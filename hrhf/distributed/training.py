@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hrhf.distributed import peak_rss_mb
-from hrhf.inversion import SyntheticSet
+from hrhf.inversion import NonFiniteError, SyntheticSet
 from hrhf.models import build_model, num_outputs
 from hrhf.pipeline import Log, StepJob, step_train_options
 from hrhf.progress import as_progress
@@ -105,8 +105,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         real_batches = _real_batches(real, config["batch_size"], config["drop_last"], seed, generator)
         batches = mixed_batches(real_batches, fake, method.fake_ratio, generator)
         epoch_start, first_it = time.perf_counter(), it
-        it, stats = train_steps(student, teacher, batches, optimizer, lr_at, it, method, config["n_old"],
-                                str(device), config["freeze_bn"], config["clip_grad"])
+        try:
+            it, stats = train_steps(student, teacher, batches, optimizer, lr_at, it, method, config["n_old"],
+                                    str(device), config["freeze_bn"], config["clip_grad"])
+        except NonFiniteError as err:
+            raise NonFiniteError(f"step {config['step']}, epoch {epoch + 1}/{epochs}, rank {rank}, {err}") from None
         seconds = time.perf_counter() - epoch_start
         metrics = {"epoch": epoch, "iteration": it, **stats, "seconds_per_step": seconds / max(1, it - first_it),
                    "peak_rss_mb": peak_rss_mb()}
@@ -183,6 +186,7 @@ class RayTrainer:
             "drop_last": drop_last,
             "iters_per_epoch": rows // batch_size if drop_last else math.ceil(rows / batch_size),
             **step_train_options(cfg, incremental=job.teacher is not None),
+            "step": job.step,
             "seed": cfg.seed * 100 + job.step,
             "threads": max(1, int(self.cpus_per_worker)),
         }
