@@ -33,6 +33,7 @@ PROTOCOLS: dict[str, dict[str, list[int]]] = {
     "shapes": {
         "6-2-2": [6, 2, 2],
         "6-1": [6, 1, 1, 1, 1],
+        "5-1": [5, 1, 1, 1, 1, 1],  # six tasks, as VOC 15-1
     },
 }
 

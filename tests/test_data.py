@@ -1,3 +1,4 @@
+import hashlib
 import shutil
 import socket
 from pathlib import Path
@@ -8,8 +9,10 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
+from hrhf.config import load_config
 from hrhf.data import ADE20K, ShapesDataset, StepDataset, VOCSegmentation, build_step_datasets, make_source
 from hrhf.data.transforms import MEAN, STD, denormalize, eval_transform, normalize, pixel_bounds, train_transform
+from hrhf.pipeline import sources_of
 from hrhf.tasks import label_lut, make_task
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -100,6 +103,82 @@ def test_shapes_classes_differ_in_colour(shapes200):
         mean_colour[c] = pixels.astype(np.float32).mean(axis=0)
     dists = [np.abs(mean_colour[a] - mean_colour[b]).sum() for a in range(1, 11) for b in range(a + 1, 11)]
     assert min(dists) > 15
+
+
+# images and masks of version 1 as generated before version 2 existed: old tables stay reproducible
+SHAPES_V1_DIGESTS = [
+    ("train", 64, 0, range(8), "f0f7389a03cefae6e8cd90d1c435a92db62c1f870df51eac45e135a54c9ae56d"),
+    ("val", 48, 3, range(5), "598abc555efd69c00a1fc1ba7820cd797db1336f4ca609686d396cd4d55b1007"),
+    ("test", 97, 7, [0, 11, 123], "ba6153b7e8fbc517b4b3228e79c4846d9f79b2f1adf454bb81ad957d938d3022"),
+]
+
+
+@pytest.mark.parametrize("version", [None, 1])
+def test_shapes_version_1_is_unchanged(version):
+    for split, side, seed, items, digest in SHAPES_V1_DIGESTS:
+        ds = ShapesDataset(split, size=200, image_size=side, seed=seed, **({} if version is None else {"version": 1}))
+        h = hashlib.sha256()
+        for i in items:
+            img, mask = ds.render(i)
+            h.update(img.tobytes())
+            h.update(mask.tobytes())
+        assert h.hexdigest() == digest, (split, side, seed)
+        assert ds.identity() == {"name": "shapes", "version": 1, "split": split, "seed": seed, "size": 200,
+                                 "image_size": side}
+
+
+def test_shapes_version_2_deterministic_and_distinct():
+    a, b = ShapesDataset(size=6, version=2), ShapesDataset(size=6, version=2)
+    other_seed, v1 = ShapesDataset(size=6, seed=1, version=2), ShapesDataset(size=6, version=1)
+    for i in range(6):
+        assert np.array_equal(a.render(i)[0], b.render(i)[0]) and np.array_equal(a.render(i)[1], b.render(i)[1])
+    assert any(not np.array_equal(a.render(i)[1], other_seed.render(i)[1]) for i in range(6))
+    assert any(not np.array_equal(a.render(i)[1], v1.render(i)[1]) for i in range(6))
+    assert a.identity()["version"] == 2
+    img, mask = a[0]
+    assert img.dtype == torch.uint8 and img.shape == (3, 64, 64) and mask.shape == (64, 64)
+    with pytest.raises(ValueError, match="known versions"):
+        ShapesDataset(version=3)
+
+
+def test_shapes_version_2_scene_structure():
+    ds = ShapesDataset("train", size=1500, image_size=48, seed=0, version=2)
+    masks = [ds.render(i)[1] for i in range(len(ds))]
+    present = [frozenset(np.unique(m).tolist()) - {0} for m in masks]
+    index = {name: k for k, name in enumerate(ds.class_names)}
+    frequency = {c: np.mean([c in p for p in present]) for c in range(1, 11)}
+    hub = index["cross"]
+    # skewed frequencies: one hub in about 40% of the images, every other class far below it
+    assert 0.3 < frequency[hub] < 0.5
+    assert max(f for c, f in frequency.items() if c != hub) < 0.2
+    assert min(frequency.values()) > 0.03
+
+    def alone(c: int) -> float:
+        return np.mean([p == {c} for p in present if c in p])
+
+    def with_(c: int, other: int) -> float:
+        return np.mean([other in p for p in present if c in p])
+
+    # classes seen almost only alone, and never with an indoor or street class
+    for name in ("disc", "triangle"):
+        assert alone(index[name]) > 0.75
+        assert all(with_(index[name], index[o]) == 0 for o in ("square", "ring", "diamond", "hexagon", "bar"))
+    # the hub goes with most classes; an indoor group shares scenes
+    assert sum(with_(hub, c) > 0.02 for c in range(1, 11) if c != hub) >= 6
+    assert with_(index["hexagon"], index["square"]) > 0.2 and with_(index["bar"], index["square"]) > 0.2
+    assert with_(index["ring"], index["square"]) < 0.05
+    # foreground nearer VOC's 27% of pixels than version 1's 10%
+    assert 0.2 < np.mean([np.mean(m > 0) for m in masks]) < 0.32
+
+
+def test_shapes_version_reaches_the_sources():
+    cfg = load_config(overrides=["data.shapes_version=2", "data.train_size=5", "data.val_size=3"])
+    train, val = sources_of(cfg)
+    assert train.identity()["version"] == 2 and val.identity()["version"] == 2
+    assert len(train) == 5 and len(val) == 3
+    assert sources_of(load_config())[0].identity()["version"] == 1
+    with pytest.raises(ValueError, match="shapes_version"):
+        load_config(overrides=["data.shapes_version=3"])
 
 
 # ---------------------------------------------------------------- VOC

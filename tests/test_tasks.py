@@ -54,6 +54,18 @@ def test_task_class_lists_voc_15_1():
         task.new_classes(6)
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_shapes_5_1_mirrors_voc_15_1(overlap):
+    task = make_task("shapes", "5-1", overlap=overlap)
+    assert task.num_steps == 6 == make_task("voc", "15-1").num_steps
+    assert task.overlap is overlap
+    assert task.steps == ((1, 2, 3, 4, 5), (6,), (7,), (8,), (9,), (10,))
+    assert task.old_classes(5) == tuple(range(1, 10)) and task.new_indices(5) == [10]
+    # overlapped keeps images showing future classes, disjoint drops them
+    present = [frozenset(s) for s in ({6}, {6, 2}, {6, 9}, {9, 1})]
+    assert filter_step(present, task, 1) == ([0, 1, 2] if overlap else [0, 1])
+    assert filter_step(present, task, 0) == ([1, 3] if overlap else [])
+
 def test_task_indices_follow_order_not_label_ids():
     task = make_task_from_steps("voc", [[7, 3], [12, 1, 5]], overlap=True)
     assert task.order == (7, 3, 12, 1, 5)

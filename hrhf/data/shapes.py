@@ -11,7 +11,8 @@ import torch
 
 from hrhf.data import SegmentationSource, color_map
 
-GENERATOR_VERSION = 1
+VERSIONS = (1, 2)
+DEFAULT_VERSION = 1
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 # name, hue in degrees, texture, largest rotation in degrees (180: any angle)
@@ -27,9 +28,85 @@ CLASSES: list[tuple[str, float, str, float]] = [
     ("crescent", 90, "gradient", 180),
     ("bar", 330, "checker", 180),
 ]
-CLASS_COUNT_P = (0.6, 0.3, 0.1)  # images holding 1, 2, 3 distinct classes
 SECOND_INSTANCE_P = 0.3
+
+# Version 1: every class co-occurs uniformly with every other.
+CLASS_COUNT_P = (0.6, 0.3, 0.1)  # images holding 1, 2, 3 distinct classes
 SCALE_RANGE = (0.06, 0.85)  # object diameter as a share of the image side, sampled log-uniformly
+
+# Version 2: PASCAL VOC's scene structure. Each image has a lead class, drawn with skewed
+# frequencies, and each class of the lead's row joins it with the given probability. "cross" is
+# the hub that goes with many classes (VOC's person); square, diamond, hexagon and bar share
+# indoor scenes (chair, sofa, potted plant, tv monitor); ring and crescent share street scenes
+# (car, bicycle); disc, triangle and star mostly appear alone (aeroplane, cow, sheep).
+# Calibrated on VOC's class statistics alone (benchmarks/cooccurrence.py), never on a method's mIoU.
+LEAD_P_V2: dict[str, float] = {
+    "disc": 0.09, "square": 0.07, "triangle": 0.07, "ring": 0.11, "cross": 0.18,
+    "star": 0.13, "diamond": 0.06, "hexagon": 0.07, "crescent": 0.10, "bar": 0.08,
+}  # fmt: skip
+COMPANION_P_V2: dict[str, dict[str, float]] = {
+    "disc": {"cross": 0.12},
+    "square": {"cross": 0.40, "hexagon": 0.30, "diamond": 0.15, "bar": 0.10},
+    "triangle": {"cross": 0.10},
+    "ring": {"cross": 0.40, "crescent": 0.10},
+    "cross": {"square": 0.10, "ring": 0.10, "crescent": 0.07, "star": 0.04, "diamond": 0.04, "hexagon": 0.05,
+              "bar": 0.04},
+    "star": {"cross": 0.15},
+    "diamond": {"cross": 0.32, "square": 0.25, "star": 0.08},
+    "hexagon": {"square": 0.33, "cross": 0.26, "bar": 0.05},
+    "crescent": {"cross": 0.32, "ring": 0.10},
+    "bar": {"cross": 0.30, "square": 0.28, "diamond": 0.08},
+}
+# The lead object is large and central, as VOC's main object; companions are smaller.
+LEAD_SCALE_V2 = (0.35, 1.1)
+COMPANION_SCALE_V2 = (0.1, 0.6)
+LEAD_CENTRE_V2 = (0.25, 0.75)  # centre range as a share of the side; companions use 0.05..0.95
+
+
+def _class_table_v2() -> tuple[np.ndarray, np.ndarray]:
+    """Lead probabilities (N,) and companion probabilities (N, N) of version 2, rows indexed by the lead."""
+    index = {c[0]: k for k, c in enumerate(CLASSES)}
+    lead = np.zeros(len(CLASSES))
+    companions = np.zeros((len(CLASSES), len(CLASSES)))
+    for name, p in LEAD_P_V2.items():
+        lead[index[name]] = p
+    for name, row in COMPANION_P_V2.items():
+        for other, p in row.items():
+            companions[index[name], index[other]] = p
+    return lead / lead.sum(), companions
+
+
+_LEAD_V2, _COMPANIONS_V2 = _class_table_v2()
+
+# diameter (px), class id, centre (x, y) in px, five jitter draws (rotation, hue, saturation, value, texture)
+_Object = tuple[float, int, np.ndarray, np.ndarray]
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+
+def _objects_v1(rng: np.random.Generator, side: int) -> list[_Object]:
+    n_classes = int(rng.choice(len(CLASS_COUNT_P), p=CLASS_COUNT_P)) + 1
+    classes = rng.choice(len(CLASSES), size=n_classes, replace=False) + 1
+    objects = []
+    for c in classes:
+        for _ in range(1 + int(rng.random() < SECOND_INSTANCE_P)):
+            diameter = _log_uniform(rng, *SCALE_RANGE) * side
+            objects.append((diameter, int(c), rng.uniform(0.05, 0.95, size=2) * side, rng.random(5)))
+    return objects
+
+
+def _objects_v2(rng: np.random.Generator, side: int) -> list[_Object]:
+    lead = int(rng.choice(len(CLASSES), p=_LEAD_V2))
+    joining = np.flatnonzero(rng.random(len(CLASSES)) < _COMPANIONS_V2[lead])
+    objects = []
+    for c in [lead, *joining.tolist()]:
+        scale, centre = (LEAD_SCALE_V2, LEAD_CENTRE_V2) if c == lead else (COMPANION_SCALE_V2, (0.05, 0.95))
+        for _ in range(1 + int(rng.random() < SECOND_INSTANCE_P)):
+            diameter = _log_uniform(rng, *scale) * side
+            objects.append((diameter, c + 1, rng.uniform(*centre, size=2) * side, rng.random(5)))
+    return objects
 
 
 def _polygon(u: np.ndarray, v: np.ndarray, n: int, phase: float) -> np.ndarray:
@@ -117,12 +194,16 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 class ShapesDataset(SegmentationSource):
-    """Procedural CISS benchmark, deterministic from (seed, split, index).
+    """Procedural CISS benchmark, deterministic from (seed, split, index, version).
 
-    Ten classes differ in shape, hue and texture; objects range from ~6% to ~85% of the
-    side (log-uniform), may leave the frame and occlude each other (larger ones are drawn
-    first). Most images hold one or two classes, as in VOC, so later steps rarely show old
-    classes. Samples are memoised, so epochs after the first cost nothing.
+    Ten classes differ in shape, hue and texture; objects may leave the frame and occlude each
+    other (larger ones are drawn first). Most images hold one or two classes, as in VOC.
+    Version 1 picks an image's classes uniformly and sizes objects from ~6% to ~85% of the side
+    (log-uniform), so every old class shows up in about 9% of a later step's images. Version 2
+    follows VOC's scenes (a hub class, groups of classes that share scenes, classes seen alone,
+    skewed frequencies) with a large lead object, so most old classes are missing from later
+    steps and foreground covers about a quarter of the pixels. Samples are memoised, so epochs
+    after the first cost nothing.
     """
 
     name = "shapes"
@@ -130,14 +211,24 @@ class ShapesDataset(SegmentationSource):
     class_names = ["background"] + [c[0] for c in CLASSES]
     palette = color_map(len(CLASSES) + 1)
 
-    def __init__(self, split: str = "train", size: int = 2000, image_size: int = 64, seed: int = 0):
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 2000,
+        image_size: int = 64,
+        seed: int = 0,
+        version: int = DEFAULT_VERSION,
+    ):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; known splits: {list(SPLITS)}")
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
         if not 16 <= image_size <= 512:
             raise ValueError(f"image_size must be in 16..512, got {image_size}")
+        if version not in VERSIONS:
+            raise ValueError(f"unknown shapes generator version {version!r}; known versions: {list(VERSIONS)}")
         self.split = split
+        self.version = version
         self.size = size
         self.image_size = image_size
         self.seed = seed
@@ -154,14 +245,7 @@ class ShapesDataset(SegmentationSource):
         img = _background(rng, side)
         mask = np.zeros((side, side), dtype=np.uint8)
 
-        n_classes = int(rng.choice(len(CLASS_COUNT_P), p=CLASS_COUNT_P)) + 1
-        classes = rng.choice(len(CLASSES), size=n_classes, replace=False) + 1
-        objects = []
-        for c in classes:
-            for _ in range(1 + int(rng.random() < SECOND_INSTANCE_P)):
-                diameter = math.exp(rng.uniform(math.log(SCALE_RANGE[0]), math.log(SCALE_RANGE[1]))) * side
-                # jitter draws: rotation, hue, saturation, value, texture contrast
-                objects.append((diameter, int(c), rng.uniform(0.05, 0.95, size=2) * side, rng.random(5)))
+        objects = _objects_v1(rng, side) if self.version == 1 else _objects_v2(rng, side)
         objects.sort(key=lambda o: -o[0])  # large first, so small objects end up on top
 
         for diameter, c, (cx, cy), r in objects:
@@ -182,12 +266,14 @@ class ShapesDataset(SegmentationSource):
                 continue
             main = _hsv(hue + 12 * (r[1] - 0.5), 0.75 + 0.2 * r[2], 0.75 + 0.2 * r[3])
             dark = main * (0.35 + 0.2 * r[4])
-            t = _texture(texture, u, v, max(4.0 / radius, 2 / 3))[..., None]
-            patch = img[y0:y1, x0:x1]
-            patch[inside] = (main * (1 - t) + dark * t)[inside]
+            t = _texture(texture, u[inside], v[inside], max(4.0 / radius, 2 / 3))[:, None]
+            img[y0:y1, x0:x1][inside] = main * (1 - t) + dark * t
             mask[y0:y1, x0:x1][inside] = c
 
-        img += rng.normal(0.0, 0.03, size=img.shape).astype(np.float32)
+        if self.version == 1:
+            img += rng.normal(0.0, 0.03, size=img.shape).astype(np.float32)
+        else:  # float32 draws cost less, which pays for version 2's larger objects
+            img += np.float32(0.03) * rng.standard_normal(img.shape, dtype=np.float32)
         return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), mask
 
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +294,7 @@ class ShapesDataset(SegmentationSource):
         """Generator version, split, seed and sizes."""
         return {
             "name": self.name,
-            "version": GENERATOR_VERSION,
+            "version": self.version,
             "split": self.split,
             "seed": self.seed,
             "size": self.size,
