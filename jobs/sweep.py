@@ -7,6 +7,10 @@ The step-0 model is trained once (or given with --base-checkpoint); every trial 
 protocol (synthesis + distillation + evaluation). The run directory receives sweep/results.csv,
 sweep/results.md, sweep/results.html (the table and the scatter), sweep/sweep.png (the objective against
 each swept parameter) and sweep/best_config.yaml.
+
+Submitting the same command again resumes: the step-0 model in the run directory is reused, finished
+trials are kept as they are and the trials that were interrupted start again (a resumed sweep keeps the
+trial count and search space of its first submission).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import sys
 import ray
 
 from hrhf.cli import add_config_arguments, add_progress_arguments, config_from_args, progress_from_args
-from hrhf.pipeline import run
+from hrhf.pipeline import RunDir, run
 from hrhf.storage import absolute_uri
 
 
@@ -37,21 +41,44 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    from hrhf.distributed.tuning import OBJECTIVE, base_dict, results_table, sweep, trial_config, write_results
+    from hrhf.distributed.tuning import (
+        OBJECTIVE,
+        base_dict,
+        can_resume,
+        finished_trials,
+        new_tuner,
+        results_table,
+        resume_tuner,
+        sweep_trainable,
+        trial_config,
+        write_results,
+    )
     from hrhf.report import sweep_markdown
 
     progress = progress_from_args(args)
     run_dir = absolute_uri(args.run_dir)
+    # Every trial checkpoints once, and Tune saves its experiment state after each checkpoint (so that a
+    # resumed sweep knows them all); trials that end together make Tune warn about that, needlessly.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(address=args.address, log_to_driver=False)
     base = args.base_checkpoint
     if base is None:
-        base_dir = f"{run_dir}/base"
-        train_base = ray.remote(num_cpus=args.cpus_per_trial, num_gpus=args.gpus_per_trial)(run)
-        ray.get(train_base.remote(cfg, run_dir=base_dir, log=print, last_step=0))
-        base = f"{base_dir}/step-0.pt"
-    progress.event("run", None, f"sweeping {args.num_samples} trials from {base}")
-    results = sweep(cfg, base, storage_path=run_dir, num_samples=args.num_samples,
-                    cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, seed=cfg.seed)
+        base_dir = RunDir(f"{run_dir}/base")
+        base = base_dir.path("step-0.pt")
+        if base_dir.exists("step-0.pt"):
+            base_dir.check(cfg)  # the check a rerun of the base training makes: the same config or an error
+            progress.event("run", 0, f"found {base}, not retrained")
+        else:
+            train_base = ray.remote(num_cpus=args.cpus_per_trial, num_gpus=args.gpus_per_trial)(run)
+            ray.get(train_base.remote(cfg, run_dir=base_dir.uri, log=print, last_step=0))
+    trainable = sweep_trainable(cfg, base, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
+    if can_resume(run_dir):
+        tuner = resume_tuner(run_dir, trainable)
+        progress.event("run", None, f"resumed the sweep in {run_dir}/sweep: {finished_trials(tuner)} trials already finished")
+    else:
+        tuner = new_tuner(trainable, run_dir, cfg.train.epochs_step, num_samples=args.num_samples, seed=cfg.seed)
+        progress.event("run", None, f"sweeping {args.num_samples} trials from {base}")
+    results = tuner.fit()
     rows = results_table(results)
     best = results.get_best_result()
     write_results(rows, trial_config(base_dict(cfg, base), best.config), f"{run_dir}/sweep")

@@ -1,11 +1,15 @@
-"""Sweep plumbing that needs no running Tune: trial configs and the results files."""
+"""Sweep plumbing that needs no running Tune: trial configs, storage, trial checkpoints and the results files."""
 
 import csv
+import json
 
+import pyarrow.fs
+import pytest
 from PIL import Image
 
 from hrhf.config import load_config
-from hrhf.distributed.tuning import base_dict, trial_config, write_results
+from hrhf.distributed import tuning
+from hrhf.distributed.tuning import EXPERIMENT, base_dict, experiment_location, run_config, trial_config, write_results
 
 
 def test_trial_config_applies_the_sampled_parameters():
@@ -30,3 +34,28 @@ def test_results_files(tmp_path):
     assert "<td>75.0</td>" in page and page.count("data:image/png;base64,") == 1
     with Image.open(tmp_path / "sweep.png") as image:
         assert image.size == (320, 320)  # one panel: fake_ratio is the only swept parameter in the rows
+
+
+def test_run_config_of_an_s3_run_dir_carries_its_filesystem(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # never contacted: building the config reads nothing
+    config = run_config("s3://bucket/sweeps/a")
+    assert isinstance(config.storage_filesystem, pyarrow.fs.PyFileSystem)
+    assert "s3" in config.storage_filesystem.handler.fs.protocol
+    assert config.storage_path == "bucket/sweeps/a" and config.name == EXPERIMENT
+    assert experiment_location("s3://bucket/sweeps/a/")[0] == f"bucket/sweeps/a/{EXPERIMENT}"
+
+
+def test_run_config_of_a_local_run_dir_has_no_filesystem(tmp_path):
+    config = run_config(str(tmp_path / "run"))
+    assert config.storage_filesystem is None and config.storage_path == str(tmp_path / "run")
+
+
+def test_a_trial_restored_from_its_checkpoint_reports_the_saved_result_and_trains_nothing(tmp_path, monkeypatch):
+    result = {"epoch": 1, "loss": 0.5, "old": 0.8, "new": 0.4, "all": 0.7, "background": 0.9}
+    (tmp_path / tuning.RESULT_FILE).write_text(json.dumps(result))
+    reported = []
+    monkeypatch.setattr(tuning.tune, "get_checkpoint", lambda: tuning.tune.Checkpoint.from_directory(str(tmp_path)))
+    monkeypatch.setattr(tuning.tune, "report", lambda metrics, checkpoint=None: reported.append((metrics, checkpoint)))
+    monkeypatch.setattr(tuning, "run", lambda *args, **kwargs: pytest.fail("a finished trial was trained again"))
+    tuning.run_trial({"w_fake": 1.0}, base_dict(load_config("smoke"), "/tmp/base/step-0.pt"))
+    assert reported == [(result, None)]

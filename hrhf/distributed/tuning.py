@@ -2,7 +2,9 @@
 
 Each trial runs one full incremental step (synthesis + distillation + evaluation) of the configured
 protocol from a shared step-0 checkpoint, reporting validation mIoU after every epoch so that ASHA can
-stop weak trials early.
+stop weak trials early. The last report carries a checkpoint (the step's result and the trained model),
+so that a sweep resumed with ``resume_tuner`` never retrains a finished trial; an interrupted trial
+starts its step again.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import tempfile
 from typing import Any
 
+import pyarrow.fs
 import torch
 import yaml
 from ray import tune
@@ -21,13 +26,18 @@ from ray.tune.search import BasicVariantGenerator
 from hrhf import config as config_lib
 from hrhf.config import Config
 from hrhf.metrics import summarize
-from hrhf.storage import write_bytes_atomic
+from hrhf.models import save_checkpoint
 from hrhf.pipeline import LocalTrainer, StepJob, run, sources_of, step_datasets, task_of
 from hrhf.plots import scored_rows, sweep_png
 from hrhf.report import sweep_html, sweep_markdown
+from hrhf.storage import pyarrow_filesystem, write_bytes_atomic
 from hrhf.train import evaluate
 
 OBJECTIVE = "all"
+EXPERIMENT = "sweep"  # Tune's experiment folder in the run directory: fixed, so a resubmitted sweep finds it
+RESULT_FILE = "result.json"  # in a trial checkpoint: the last report of the finished step
+MODEL_FILE = "step-1.pt"  # in a trial checkpoint: the trained model, an hrhf checkpoint
+TRIAL_LOG_ENV = "HRHF_TRIAL_LOG"  # when set, each trial appends its id to this file when it starts training
 
 # Sweepable settings: search-space key -> dotted config key.
 SWEPT = {
@@ -64,7 +74,20 @@ def base_dict(cfg: Config, base_checkpoint: str) -> dict[str, Any]:
 
 
 def run_trial(params: dict[str, Any], base_config: dict[str, Any], threads: int = 1) -> None:
-    """Tune function trainable: step 1 of the protocol from the shared base model, reporting each epoch."""
+    """Tune function trainable: step 1 of the protocol from the shared base model, reporting each epoch.
+
+    A trial restored from its checkpoint has finished its step already: it reports the saved result again
+    (a snapshot of the experiment taken before the trial ended may lack it) and trains nothing.
+    """
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory, open(os.path.join(directory, RESULT_FILE)) as f:
+            tune.report(json.load(f))
+        return
+    log_path = os.environ.get(TRIAL_LOG_ENV)
+    if log_path:
+        with open(log_path, "a") as f:
+            f.write(tune.get_context().get_trial_id() + "\n")
     cfg = trial_config(base_config, params)
     torch.set_num_threads(threads)
     task = task_of(cfg)
@@ -74,30 +97,75 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], threads: int 
     def report_epoch(job: StepJob, epoch: int, stats: dict[str, float]) -> None:
         metrics = summarize(evaluate(job.student, val, task.num_seen(1) + 1, cfg.train.batch_size), old, new)
         job.student.train()
-        tune.report({"epoch": epoch + 1, "loss": stats["loss"], **{k: metrics[k] for k in ("old", "new", "all", "background")}})
+        result = {"epoch": epoch + 1, "loss": stats["loss"], **{k: metrics[k] for k in ("old", "new", "all", "background")}}
+        if epoch + 1 < job.epochs:
+            tune.report(result)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            with open(os.path.join(directory, RESULT_FILE), "w") as f:
+                json.dump(result, f)
+            save_checkpoint(os.path.join(directory, MODEL_FILE), job.student, model_name=cfg.model.name,
+                            width=cfg.model.width, classes=[list(task.steps[s]) for s in range(2)], step=1,
+                            config=config_lib.to_dict(cfg), extra={"result": result})
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
 
     run(cfg, trainer=LocalTrainer(log=lambda _msg: None, after_epoch=report_epoch), log=lambda _msg: None, last_step=1)
 
 
-def sweep(
-    cfg: Config,
-    base_checkpoint: str,
-    storage_path: str,
+def experiment_location(run_dir: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """(path, pyarrow filesystem or None) of the sweep's Tune experiment folder in a run directory (path or URI)."""
+    path, filesystem = pyarrow_filesystem(run_dir)
+    return f"{path.rstrip('/')}/{EXPERIMENT}", filesystem
+
+
+def run_config(run_dir: str) -> tune.RunConfig:
+    """Tune's RunConfig for a sweep in ``run_dir``: on its storage (S3 endpoint included), one checkpoint per trial.
+
+    ``num_to_keep=1`` also makes Tune save the experiment state right after each trial's checkpoint, so
+    that an interrupted sweep knows about every checkpoint but the last moment's.
+    """
+    path, filesystem = pyarrow_filesystem(run_dir)
+    return tune.RunConfig(name=EXPERIMENT, storage_path=path, storage_filesystem=filesystem, verbose=0,
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+
+
+def sweep_trainable(cfg: Config, base_checkpoint: str, cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0) -> Any:
+    """The trial function with the base config bound and the trial's resources attached."""
+    trainable = tune.with_parameters(run_trial, base_config=base_dict(cfg, base_checkpoint), threads=max(1, int(cpus_per_trial)))
+    return tune.with_resources(trainable, {"CPU": cpus_per_trial, "GPU": gpus_per_trial})
+
+
+def can_resume(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds a sweep that Tune can resume."""
+    path, filesystem = experiment_location(run_dir)
+    return tune.Tuner.can_restore(path, storage_filesystem=filesystem)
+
+
+def resume_tuner(run_dir: str, trainable: Any) -> tune.Tuner:
+    """The sweep of ``run_dir`` restored: finished trials are kept, unfinished and errored ones run on."""
+    path, filesystem = experiment_location(run_dir)
+    return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem)
+
+
+def finished_trials(tuner: tune.Tuner) -> int:
+    """How many trials of a restored tuner had finished (0 when its experiment state cannot be read)."""
+    try:
+        return tuner.get_results().num_terminated
+    except RuntimeError:
+        return 0
+
+
+def new_tuner(
+    trainable: Any,
+    run_dir: str,
+    max_epochs: int,
     num_samples: int = 8,
-    cpus_per_trial: float = 1.0,
-    gpus_per_trial: float = 0.0,
     search_space: dict[str, Any] | None = None,
     seed: int = 0,
-    name: str = "sweep",
-) -> tune.ResultGrid:
-    """Run the sweep with ASHA early stopping on validation mIoU over all classes."""
-    base = base_dict(cfg, base_checkpoint)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base_config=base, threads=max(1, int(cpus_per_trial))),
-        {"CPU": cpus_per_trial, "GPU": gpus_per_trial},
-    )
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs_step, grace_period=1, reduction_factor=2)
-    tuner = tune.Tuner(
+) -> tune.Tuner:
+    """A new sweep in ``run_dir`` with ASHA early stopping on validation mIoU over all classes."""
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs, grace_period=1, reduction_factor=2)
+    return tune.Tuner(
         trainable,
         param_space=search_space or default_search_space(),
         tune_config=tune.TuneConfig(
@@ -107,9 +175,8 @@ def sweep(
             num_samples=num_samples,
             search_alg=BasicVariantGenerator(random_state=seed),
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0),
+        run_config=run_config(run_dir),
     )
-    return tuner.fit()
 
 
 def results_table(results: tune.ResultGrid) -> list[dict[str, Any]]:
