@@ -1,14 +1,23 @@
-"""cluster.yaml against Ray's own schema, and autoscaling driven by synthesis demand."""
+"""cluster.yaml against Ray's own schema and its security settings, and autoscaling driven by synthesis demand."""
 
+import json
 import os
+import shlex
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
+TOKEN_PATH = "/home/ubuntu/.ray/auth_token"
 
 
 def test_cluster_yaml_validates_against_rays_schema():
@@ -29,8 +38,45 @@ def test_a_typo_fails_the_schema():
 
     raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     raw["available_node_types"]["gpu_worker"]["min_worker"] = 0
-    with pytest.raises(Exception):
+    with pytest.raises(jsonschema.ValidationError, match="'min_worker' was unexpected"):
         validate_config(prepare_config(raw))
+
+
+def start_env(command: str) -> dict[str, str]:
+    """The VAR=value assignments right in front of the `ray start` of a start command."""
+    words = shlex.split(command)
+    at = words.index("ray")
+    assert words[at + 1] == "start", command
+    env = {}
+    for word in reversed(words[:at]):
+        name, equals, value = word.partition("=")
+        if not (equals and name.isidentifier()):
+            break  # e.g. `set -a && . file && set +a &&` before them
+        env[name] = value
+    return env
+
+
+def test_cluster_yaml_turns_on_token_auth_and_least_privilege():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    # every node starts with token authentication, from the same token file, mounted from a git-ignored one
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [start_env(c) for c in config[key] if "ray start" in c]
+        assert starts, key
+        for env in starts:
+            assert env.get("RAY_AUTH_MODE") == "token" and env.get("RAY_AUTH_TOKEN_PATH") == TOKEN_PATH, key
+    source = config["file_mounts"][TOKEN_PATH]
+    assert source.startswith("./secrets/")
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "secrets/" in ignored and ".env" in ignored
+    assert "RAY_AUTH_TOKEN=" not in (ROOT / "cluster.yaml").read_text()  # no token value in the file
+    # an instance profile of its own for each node type, never the launcher's default role
+    node_types = config["available_node_types"]
+    profiles = {name: t["node_config"]["IamInstanceProfile"]["Arn"] for name, t in node_types.items()}
+    assert set(profiles) == {"head", "gpu_worker"} and len(set(profiles.values())) == 2
+    assert all(arn.startswith("arn:aws:iam::") and ":instance-profile/" in arn for arn in profiles.values())
+    # nothing git-ignored or secret is copied to the nodes
+    assert config["rsync_filter"] == [".gitignore"]
+    assert {".env", "secrets/", ".git", ".venv", "runs"} <= set(config["rsync_exclude"])
 
 
 def fake_provider_config(worker_types: dict, head_resources: dict) -> dict:
@@ -65,25 +111,58 @@ def fake_provider_config(worker_types: dict, head_resources: dict) -> dict:
     }
 
 
+class FakeAutoscalingCluster:
+    """Ray's fake multi-node provider behind a head of its own (temp dir, ports), stopped alone.
+
+    Ray's ``AutoscalingCluster`` does the same but runs `ray stop --force` in ``start`` and
+    ``shutdown``, which ends every Ray process of the machine, other people's clusters included.
+    """
+
+    def __init__(self, head_cpus: int, worker_node_types: dict) -> None:
+        import ray
+
+        self.head_cpus = head_cpus
+        # Ray's files go to <base>/ray; with RAY_TMPDIR=<base>, ray.init("auto") finds this cluster there
+        self.base = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: socket paths must fit in 107 bytes
+        self.port = free_port()
+        self.config = fake_provider_config(worker_node_types, {"CPU": head_cpus})
+        # where the fake worker nodes connect (the provider's default is port 6379)
+        self.config["provider"]["gcs_address"] = f"{ray.util.get_node_ip_address()}:{self.port}"
+
+    def start(self) -> None:
+        """Start the head with the fake provider's autoscaler."""
+        config_file = Path(self.base, "autoscaling.json")
+        config_file.write_text(json.dumps(self.config))
+        env = {**os.environ, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "token"}
+        subprocess.run(
+            ["ray", "start", "--head", f"--autoscaling-config={config_file}", f"--num-cpus={self.head_cpus}",
+             f"--port={self.port}", f"--temp-dir={self.base}/ray", "--include-dashboard=false",
+             f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
+            check=True, env=env, capture_output=True, timeout=180,
+        )
+
+    def shutdown(self) -> None:
+        """Kill this cluster's processes (the fake worker nodes are children of its autoscaler)."""
+        from test_ray_job import stop_cluster
+
+        stop_cluster(self.base)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_synthesis_demand_adds_nodes_that_leave_when_idle():
-    """Runs alone: AutoscalingCluster.start/shutdown call `ray stop --force`."""
+def test_synthesis_demand_adds_nodes_that_leave_when_idle(monkeypatch):
     import ray
-    from ray.cluster_utils import AutoscalingCluster
 
     from hrhf.config import load_config
     from hrhf.distributed.synthesis import RaySynthesizer
     from hrhf.inversion import make_targets
     from hrhf.models import build_model
 
-    class Cluster(AutoscalingCluster):
-        def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **kwargs):
-            return fake_provider_config(worker_node_types, head_resources)
-
     workers = {"cpu_worker": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}}
-    cluster = Cluster(head_resources={"CPU": 1}, worker_node_types=workers)
-    cluster.start()
+    cluster = FakeAutoscalingCluster(head_cpus=1, worker_node_types=workers)
     try:
+        cluster.start()
+        monkeypatch.setenv("RAY_TMPDIR", cluster.base)  # "auto" is this cluster, not another one of the machine
         ray.init("auto")
 
         def alive() -> int:
@@ -117,4 +196,3 @@ def test_synthesis_demand_adds_nodes_that_leave_when_idle():
     finally:
         ray.shutdown()
         cluster.shutdown()
-        os.environ.pop("RAY_ADDRESS", None)

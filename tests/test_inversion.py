@@ -7,7 +7,15 @@ from hrhf.config import InversionConfig
 from hrhf.data import make_source
 from hrhf.data.incremental import StepDataset
 from hrhf.data.transforms import normalize
-from hrhf.inversion import ImageAdam, SegInversion, aggregation_loss, channel_moments, make_targets, top_k_mean
+from hrhf.inversion import (
+    ImageAdam,
+    NonFiniteError,
+    SegInversion,
+    aggregation_loss,
+    channel_moments,
+    make_targets,
+    top_k_mean,
+)
 from hrhf.methods import METHODS
 from hrhf.models import build_model
 from hrhf.tasks import label_lut, make_task_from_steps
@@ -99,7 +107,9 @@ def test_bn_prior_decreases(teacher):
 
 def test_inversion_output_and_determinism(teacher):
     targets = make_targets([1, 2], [0.1, 0.4], 2, base_seed=3)
+    bn_layers = [m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     with SegInversion(teacher, _cfg(iterations=10), image_size=48) as inverter:
+        assert bn_layers and all(m._forward_hooks for m in bn_layers)
         first = inverter.invert(targets)
         second = inverter.invert(targets)
     assert first.images.shape == (8, 3, 48, 48) and first.images.dtype == torch.uint8
@@ -108,8 +118,8 @@ def test_inversion_output_and_determinism(teacher):
     meta = first.meta[0]
     assert set(meta) == {"class", "scale", "seed", "loss", "area"}
     assert 0.0 <= meta["area"] <= 1.0 and math.isfinite(meta["loss"])
-    # hooks are removed on exit: the teacher runs without recording
-    teacher(torch.randn(1, 3, 48, 48))
+    # the hooks are removed on exit: no module of the teacher keeps one
+    assert not [m for m in teacher.modules() if m._forward_hooks or m._forward_pre_hooks]
 
 
 def test_saa_area_rises_with_ratio(teacher):
@@ -155,3 +165,45 @@ def test_image_adam_follows_torch_adam():
         reference.step()
     assert torch.allclose(ours, theirs, atol=1e-6)
     assert not torch.allclose(ours, torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1)))
+
+
+class NaNLogitsForRow(torch.nn.Module):
+    """A teacher whose logits, and their gradients, are NaN for one position of the batch."""
+
+    def __init__(self, inner: torch.nn.Module, row: int) -> None:
+        super().__init__()
+        self.inner, self.row = inner, row
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(x)
+        poisoned = torch.zeros(logits.shape[0], 1, 1, 1, dtype=torch.bool)
+        poisoned[self.row] = True
+        return logits + torch.where(poisoned, float("nan"), 0.0)  # unlike masked_fill, lets NaN flow back to the image
+
+
+def test_nan_loss_names_the_first_bad_target_and_iteration():
+    torch.manual_seed(0)
+    teacher = NaNLogitsForRow(build_model("small", 4, width=4).eval(), row=1)
+    targets = make_targets([1, 2, 3], [0.1], 1, base_seed=4)
+    # 30 iterations, looked at on the 25th: NaN has spread to the whole batch by then, and the first
+    # iteration is still the one reported
+    with SegInversion(teacher, _cfg(iterations=30), image_size=32) as inverter:
+        with pytest.raises(NonFiniteError) as err:
+            inverter.invert(targets)
+    message = str(err.value)
+    bad = targets[1]
+    assert f"iteration 1/30 for class {bad.class_index} scale 0.1 seed {bad.seed} " in message
+    assert str(targets[0].seed) not in message and str(targets[2].seed) not in message
+
+
+def test_nan_images_are_refused_before_quantisation():
+    torch.manual_seed(0)
+    teacher = build_model("small", 4, width=4).eval()
+    targets = make_targets([1, 2], [0.4], 1, base_seed=2)
+    # A NaN learning rate makes every pixel NaN in the one update, after the only loss was computed:
+    # only the check of the final images stands between that and uint8 images.
+    with SegInversion(teacher, _cfg(iterations=1, lr=float("nan")), image_size=32) as inverter:
+        with pytest.raises(NonFiniteError, match="non-finite pixels after iteration 1/1") as err:
+            inverter.invert(targets)
+    for t in targets:
+        assert f"class {t.class_index} scale 0.4 seed {t.seed}" in str(err.value)

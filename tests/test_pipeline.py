@@ -53,17 +53,21 @@ def test_rerun_resumes_without_recomputing(tmp_path):
 
 
 def test_partial_run_continues_from_last_checkpoint(tmp_path):
-    cfg = load_config("smoke", method="mib")
-    run(cfg, run_dir=str(tmp_path), log=quiet, last_step=0)
+    cfg = load_config("smoke", method="hrhf")  # HRHF synthesises in every incremental step
     calls = []
 
-    class CountingSynth(LocalSynthesizer):
+    class RecordingSynth(LocalSynthesizer):
         def synthesize(self, teacher, targets, step):
             calls.append(step)
             return super().synthesize(teacher, targets, step)
 
-    report = run(cfg, run_dir=str(tmp_path), synthesizer=CountingSynth(cfg, quiet), log=quiet)
-    assert len(report["steps"]) == 3 and calls == []  # MiB synthesises nothing
+    run(cfg, run_dir=str(tmp_path), synthesizer=RecordingSynth(cfg, quiet), log=quiet, last_step=1)
+    assert calls == [1]
+    calls.clear()
+    report = run(cfg, run_dir=str(tmp_path), synthesizer=RecordingSynth(cfg, quiet), log=quiet)
+    assert [s["step"] for s in report["steps"]] == [0, 1, 2]
+    assert calls == [2]  # steps 0 and 1 come from their checkpoints; only the new step 2 synthesises
+    assert report["steps"][2]["num_fake"] > 0
 
 
 def test_run_dir_with_another_config_is_refused(tmp_path):

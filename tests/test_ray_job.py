@@ -2,8 +2,13 @@
 
 import json
 import os
+import secrets
+import shutil
+import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,18 +20,108 @@ pytestmark = pytest.mark.slow
 REPORT_FILES = {"report.json", "report.md", "report.html", "miou_per_step.png", "per_class_iou.png"}
 
 
+def processes_under(directory: str) -> set[int]:
+    """PIDs of the processes whose command line names a path under ``directory``, and of their descendants.
+
+    Every process of a cluster started with `ray start --temp-dir` under that directory names it (GCS,
+    raylet, dashboard, monitors) or descends from one that does (agents and workers are children of
+    the raylet, job drivers of their supervisor actor). Linux only: it reads /proc.
+    """
+    needle = os.path.join(directory, "").encode()
+    children: dict[int, list[int]] = {}
+    roots = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # the process ended meanwhile
+            continue
+        pid = int(entry.name)
+        children.setdefault(parent, []).append(pid)
+        if needle in cmdline:
+            roots.append(pid)
+    found, todo = set(), roots
+    while todo:
+        pid = todo.pop()
+        if pid not in found and pid != os.getpid():
+            found.add(pid)
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether the process runs (a zombie does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has ended; only its parent can reap it
+
+
+def stop_cluster(directory: str, timeout_s: float = 30.0) -> None:
+    """Kill the processes of the Ray cluster whose ``--temp-dir`` is under ``directory``, and nothing else.
+
+    `ray stop` cannot be scoped to one cluster in Ray 2.60: it ends every Ray process of the machine.
+    """
+    pids = processes_under(directory)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = sorted(pid for pid in pids if _running(pid))
+    assert not left, f"processes of the Ray cluster in {directory} still running: {left}"
+
+
+def wait_until_accepting_jobs(head: dict, timeout_s: float = 120.0) -> None:
+    """Wait until the job server takes a job: for a while after `ray start`, it has no agent to run one."""
+    command = ["ray", "job", "submit", "--no-wait", "--address", head["address"], "--", "true"]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = subprocess.run(command, env=head["env"], capture_output=True, text=True, timeout=120)
+        if result.returncode == 0:
+            return
+        assert "No available agent" in result.stderr and time.monotonic() < deadline, result.stderr[-3000:]
+        time.sleep(2)
+
+
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A one-node Ray cluster started with the CLI (token authentication on, as Ray sets it)."""
+def ray_head(s3_endpoint):
+    """A one-node Ray cluster of its own, started with the CLI (token authentication on) and stopped alone.
+
+    The node holds the S3 endpoint and keys in its environment, as a cluster's nodes get them from their
+    instance profile or setup commands, never through a job's runtime environment.
+
+    Its files live under a fresh directory, which is also RAY_TMPDIR for the clients: `address="auto"`
+    reads the latest cluster from <RAY_TMPDIR>/ray, so it finds this cluster, not another one of the
+    machine, and turns token authentication on as for any cluster it finds itself.
+    """
+    base = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     port, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    subprocess.run(
-        ["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=180,
-    )
-    yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
-    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    # the cluster and its clients use the token of the default path, ~/.ray/auth_token (created if missing)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_AUTH_MODE="token", RAY_TMPDIR=base)
+    try:
+        subprocess.run(
+            ["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=2",
+             "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={base}/ray",
+             # its default, 52365, is taken by any other Ray instance on the machine, and then no job can run
+             f"--dashboard-agent-listen-port={free_port()}"],
+            check=True, env=env, capture_output=True, timeout=180,
+        )
+        head = {"address": f"http://127.0.0.1:{dashboard}", "env": env, "directory": base}
+        wait_until_accepting_jobs(head)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("RAY_TMPDIR", base)  # for ray.init("auto") in the tests themselves
+            yield head
+    finally:
+        stop_cluster(base)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def submit(head: dict, *job_args: str, env_vars: dict | None = None) -> subprocess.CompletedProcess:
@@ -54,6 +149,64 @@ def _assert_complete(report: dict) -> None:
     assert report["steps"][1]["num_fake"] > 0
 
 
+def test_a_client_without_the_token_is_refused(ray_head, tmp_path):
+    def submit_echo(env: dict) -> subprocess.CompletedProcess:
+        command = ["ray", "job", "submit", "--address", ray_head["address"], "--", "echo", "hrhf-auth-ok"]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    # a client elsewhere, as through `ray dashboard`: only the job server's HTTP address, no GCS address
+    dropped = ("RAY_ADDRESS", "RAY_TMPDIR", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    client = {k: v for k, v in ray_head["env"].items() if k not in dropped}
+    without_mode = submit_echo({k: v for k, v in client.items() if k != "RAY_AUTH_MODE"})
+    assert without_mode.returncode != 0, without_mode.stdout
+    assert "AuthenticationError" in without_mode.stderr and "Missing authentication token" in without_mode.stderr
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
+    with_wrong_token = submit_echo({**client, "RAY_AUTH_TOKEN_PATH": str(wrong)})
+    assert with_wrong_token.returncode != 0, with_wrong_token.stdout
+    assert "AuthenticationError" in with_wrong_token.stderr
+    assert "Invalid authentication token" in with_wrong_token.stderr
+    # the cluster's token, named by RAY_AUTH_TOKEN_PATH as on the nodes of cluster.yaml
+    right = tmp_path / "token"
+    shutil.copyfile(Path.home() / ".ray" / "auth_token", right)
+    with_token = submit_echo({**client, "RAY_AUTH_TOKEN_PATH": str(right)})
+    assert with_token.returncode == 0 and "hrhf-auth-ok" in with_token.stdout and "succeeded" in with_token.stdout, (
+        with_token.stdout[-3000:] + with_token.stderr[-3000:])
+
+
+def core_processes(directory: str) -> set[int]:
+    """PIDs of the GCS server and the raylet of the cluster under ``directory`` (workers come and go)."""
+    core = set()
+    for pid in processes_under(directory):
+        try:
+            program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if os.path.basename(program) in (b"gcs_server", b"raylet"):
+            core.add(pid)
+    return core
+
+
+def test_stopping_a_cluster_leaves_the_others_running(ray_head):
+    other = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = {k: v for k, v in ray_head["env"].items() if k != "RAY_TMPDIR"}
+    try:
+        subprocess.run(
+            ["ray", "start", "--head", f"--port={free_port()}", "--num-cpus=0", "--include-dashboard=false",
+             "--disable-usage-stats", f"--temp-dir={other}", f"--dashboard-agent-listen-port={free_port()}"],
+            check=True, env=env, capture_output=True, timeout=180,
+        )
+        assert len(core_processes(other)) == 2
+        kept = core_processes(ray_head["directory"])
+        assert len(kept) == 2
+        stop_cluster(other)
+        assert not processes_under(other)
+        assert all(_running(pid) for pid in kept), "stopping one cluster ended the GCS or raylet of another"
+    finally:
+        stop_cluster(other)
+        shutil.rmtree(other, ignore_errors=True)
+
+
 def test_job_submit_runs_and_resumes(ray_head, tmp_path):
     run_dir = tmp_path / "run"
     first = submit(ray_head, "--run-dir", str(run_dir))
@@ -77,7 +230,7 @@ def test_job_submit_with_run_dir_on_s3(ray_head, s3_endpoint):
     import s3fs
 
     make_bucket(s3_endpoint, "hrhf-runs")
-    result = submit(ray_head, "--run-dir", "s3://hrhf-runs/e2e", env_vars=s3_endpoint)
+    result = submit(ray_head, "--run-dir", "s3://hrhf-runs/e2e")
     _assert_succeeded(result)
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint["AWS_ENDPOINT_URL"]})
     report = json.loads(fs.cat_file("hrhf-runs/e2e/report.json"))
@@ -87,7 +240,7 @@ def test_job_submit_with_run_dir_on_s3(ray_head, s3_endpoint):
     assert fs.glob("hrhf-runs/e2e/train/**/checkpoint*") or fs.glob("hrhf-runs/e2e/train/**")
     shards = fs.glob("hrhf-runs/e2e/synthetic/shards/*.parquet")
     assert shards
-    ray.init(address="auto", runtime_env={"env_vars": s3_endpoint})  # the read tasks need the credentials too
+    ray.init(address="auto")  # the read tasks find the credentials on the node
     try:
         dataset = ray.data.read_parquet(shards, filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)))
         rows = dataset.count()
