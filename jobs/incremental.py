@@ -16,6 +16,7 @@ import argparse
 import os
 import signal
 import sys
+import traceback
 
 from hrhf.cli import add_config_arguments, add_progress_arguments, config_from_args, progress_from_args
 from hrhf.config import Config
@@ -25,6 +26,9 @@ from hrhf.pipeline import preflight, run
 from hrhf.progress import Progress
 from hrhf.report import markdown_report
 from hrhf.storage import absolute_uri
+
+
+PROBE_TIMEOUT_S = 900  # long enough for an autoscaler to start a GPU node for the probe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.in_process:
             connect_ray(args)
         lease = RunLease(run_dir, stale_after_s=args.lease_timeout).acquire(takeover=args.take_over_lease)
+        if not args.in_process:
+            probe_storage(args, run_dir, lease)
     except (ValueError, FileNotFoundError, OSError, LeaseHeldError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -95,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                 report = run_on_ray(cfg, run_dir, args, progress, lease)
         except (NonFiniteError, LeaseHeldError, OSError) as err:  # OSError: disk full, storage gone, ...
             print(f"error: {err}", file=sys.stderr)
+            return 1
+        except Exception as err:  # inside Ray or a storage client: the traceback stays for a bug report
+            traceback.print_exc()
+            print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
             return 1
     progress.final(report, markdown_report(report))
     return 0
@@ -117,6 +127,18 @@ def connect_ray(args: argparse.Namespace) -> None:
         if most is not None and not most.get("GPU"):
             ray.shutdown()
             raise ValueError("--gpu: the Ray cluster has no GPU and its configuration cannot add any")
+
+
+def probe_storage(args: argparse.Namespace, run_dir: str, lease: RunLease) -> None:
+    """Write-probe the run directory from a node with a synthesis actor's resources (releasing the lease if it fails)."""
+    from hrhf.distributed.probe import check_storage_where_work_runs
+
+    try:
+        check_storage_where_work_runs(run_dir, num_cpus=args.cpus_per_actor, num_gpus=1 if args.gpu else 0,
+                                      timeout_s=PROBE_TIMEOUT_S)
+    except BaseException:
+        lease.release()
+        raise
 
 
 def run_on_ray(cfg: Config, run_dir: str, args: argparse.Namespace, progress: Progress, lease: RunLease) -> dict:
