@@ -60,7 +60,7 @@ class TrainConfig:
 
 @dataclass
 class InversionConfig:
-    """SegInversion with Scale-Aware Aggregation (DESIGN 2.1-2.2)."""
+    """SegInversion with Scale-Aware Aggregation (see hrhf.inversion)."""
 
     iterations: int = 100
     lr: float = 0.1

@@ -1,4 +1,4 @@
-"""SegInversion: synthesise images of old classes from a frozen segmentation model (DESIGN 2.1-2.2).
+"""SegInversion: synthesise images of old classes from a frozen segmentation model.
 
 One class owns the BatchNorm hooks and the optimisation loop, in the manner of DeepInversion. The
 class term is Scale-Aware Aggregation (SAA): the top ceil(r * H * W) log-probabilities of the target

@@ -58,6 +58,7 @@ class RunLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost: str | None = None  # why the lease was lost, if another job took it over
+        self.made_directory = False  # the lease created the (local) run directory
 
     def _payload(self) -> bytes:
         now = time.time()
@@ -69,7 +70,9 @@ class RunLease:
         """Create the lease file if there is none; False if one exists."""
         data = self._payload()
         if self.local:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            directory = os.path.dirname(self.path)
+            self.made_directory = not os.path.isdir(directory)
+            os.makedirs(directory, exist_ok=True)
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -158,6 +161,9 @@ class RunLease:
             current = self.holder()
             if current is not None and current.get("token") == self.token:
                 self.fs.rm_file(self.path)
+            directory = os.path.dirname(self.path)
+            if self.made_directory and not os.listdir(directory):
+                os.rmdir(directory)  # a job refused after taking the lease leaves nothing behind
         except Exception:
             pass  # an unreachable store leaves a lease that goes stale; a takeover can then clear it
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from hrhf.tasks import IGNORE_INDEX
 
 
 def predicted_classes(logits: torch.Tensor) -> torch.Tensor:

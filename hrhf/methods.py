@@ -2,7 +2,7 @@
 
     L = L_ce_real + w_kd_real * L_kd_real + w_fake * (L_kd_fake + w_ce_fake * L_ce_fake)
 
-FT, LwF, MiB and HRHF differ only in which terms are on (DESIGN 2.3); joint training is plain CE on
+FT, LwF, MiB and HRHF differ only in which terms are on; joint training is plain CE on
 labels of every seen class.
 """
 

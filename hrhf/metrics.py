@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-IGNORE_INDEX = 255
+from hrhf.tasks import IGNORE_INDEX
 
 
 class ConfusionMatrix:

@@ -171,6 +171,12 @@ def step_datasets(cfg: Config, task: Task, step: int, sources: tuple[Dataset, Da
     return build_step_datasets(sources[0], sources[1], task, step, mode, train_tf, eval_tf, cache_dir=data.cache_dir)
 
 
+def evaluate_step(cfg: Config, model: nn.Module, val: Dataset, num_classes: int) -> torch.Tensor:
+    """Confusion matrix on a step's validation set, on the config's device; real images (mixed sizes) one at a time."""
+    batch_size = cfg.train.batch_size if cfg.data.dataset == "shapes" else 1
+    return evaluate(model, val, num_classes, batch_size=batch_size, device=cfg.device)
+
+
 def step_targets(cfg: Config, task: Task, step: int) -> list[Target]:
     """The synthesis targets of a step: old classes x SAA scales x seeds."""
     inv = cfg.inversion
@@ -414,8 +420,7 @@ def _run_steps(
             model = trainer.train(job)
         train_seconds = time.perf_counter() - train_start
         progress.event("evaluation", step, f"on {len(val)} validation images")
-        matrix = evaluate(model, val, n_seen + 1, batch_size=cfg.train.batch_size if cfg.data.dataset == "shapes" else 1,
-                          device=cfg.device)
+        matrix = evaluate_step(cfg, model, val, n_seen + 1)
         metrics = summarize(matrix, task.old_indices(step), task.new_indices(step))
         result = {
             "step": step,

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-IGNORE = 255
+IGNORE_INDEX = 255  # the label of pixels that no loss or metric counts
 
 NUM_CLASSES: dict[str, int] = {"voc": 20, "ade": 150, "shapes": 10}
 
@@ -182,13 +182,13 @@ def label_lut(task: Task, step: int, mode: str) -> torch.Tensor:
         labelled = task.new_classes(step)
         first = len(task.old_classes(step)) + 1
     else:
-        lut = torch.full((256,), IGNORE, dtype=torch.long)
+        lut = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
         lut[0] = 0
         labelled = task.seen_classes(step)
         first = 1
     for k, c in enumerate(labelled):
         lut[c] = first + k
-    lut[IGNORE] = IGNORE
+    lut[IGNORE_INDEX] = IGNORE_INDEX
     return lut
 
 
@@ -199,7 +199,7 @@ def filter_step(labels_present: Sequence[frozenset[int]], task: Task, step: int)
     showing any class outside old + new (i.e. a future class).
     """
     new = set(task.new_classes(step))
-    allowed = set(task.seen_classes(step)) | {0, IGNORE}
+    allowed = set(task.seen_classes(step)) | {0, IGNORE_INDEX}
     keep = []
     for i, labels in enumerate(labels_present):
         if not new & labels:

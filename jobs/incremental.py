@@ -25,7 +25,7 @@ from hrhf.lease import STALE_AFTER_S, LeaseHeldError, RunLease
 from hrhf.pipeline import preflight, run
 from hrhf.progress import Progress
 from hrhf.report import markdown_report
-from hrhf.storage import absolute_uri
+from hrhf.storage import absolute_uri, is_local
 
 
 PROBE_TIMEOUT_S = 900  # long enough for an autoscaler to start a GPU node for the probe
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="take the run directory over from a job whose lease went stale (it crashed or was killed)")
     parser.add_argument("--lease-timeout", type=float, default=STALE_AFTER_S,
                         help="seconds without a heartbeat after which a run directory's lease counts as stale")
+    parser.add_argument("--shared-run-dir", action="store_true",
+                        help="the local --run-dir is on a file system that every node of the cluster mounts (NFS, EFS, ...)")
     parser.add_argument("--skip-data-check", action="store_true",
                         help="do not decode every real image and mask before step 0 (they are then checked when used)")
     return add_progress_arguments(parser)
@@ -80,20 +82,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_arguments(args)
         cfg = config_from_args(args)
-        if args.gpu:
-            cfg.device = "cuda"
+        if args.gpu and args.in_process:
+            cfg.device = "cuda"  # on Ray only the actors and train workers use GPUs; the driver may have none
         run_dir = absolute_uri(args.run_dir)
         preflight(cfg, run_dir, check_data=not args.skip_data_check)
-        if not args.in_process:
-            connect_ray(args)
         lease = RunLease(run_dir, stale_after_s=args.lease_timeout).acquire(takeover=args.take_over_lease)
-        if not args.in_process:
-            probe_storage(args, run_dir, lease)
     except (ValueError, FileNotFoundError, OSError, LeaseHeldError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     progress = progress_from_args(args)
     with lease:
+        if not args.in_process:
+            try:
+                connect_ray(args)
+                check_run_dir_reaches_every_node(run_dir, args.shared_run_dir)
+                probe_storage(args, run_dir)
+            except (ValueError, OSError) as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
         try:
             if args.in_process:
                 report = run(cfg, run_dir=run_dir, log=progress, lease=lease)
@@ -122,23 +128,41 @@ def connect_ray(args: argparse.Namespace) -> None:
         from ray._private.state import state
 
         most = state.get_max_resources_from_cluster_config()
-        if most is None and args.address is None:
+        if most is None and args.address in (None, "local"):
             most = {}  # the local Ray this job started: no autoscaler
         if most is not None and not most.get("GPU"):
             ray.shutdown()
             raise ValueError("--gpu: the Ray cluster has no GPU and its configuration cannot add any")
 
 
-def probe_storage(args: argparse.Namespace, run_dir: str, lease: RunLease) -> None:
-    """Write-probe the run directory from a node with a synthesis actor's resources (releasing the lease if it fails)."""
+def check_run_dir_reaches_every_node(run_dir: str, shared: bool) -> None:
+    """ValueError for a local run directory on a cluster of several nodes, or one that may add nodes.
+
+    Actors and workers on other nodes would write shards and checkpoints to their own disks, which the
+    driver cannot read.
+    """
+    import ray
+    from ray._private.state import state
+
+    if not is_local(run_dir) or shared:
+        return
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    autoscaling = state.get_cluster_config() is not None
+    if nodes > 1 or autoscaling:
+        where = f"{nodes} nodes" if nodes > 1 else "an autoscaling cluster (it may add nodes)"
+        raise ValueError(
+            f"--run-dir {run_dir} is a local directory, but the Ray cluster has {where}: workers on other nodes "
+            "would write to their own disks. Use an s3:// run directory, or pass --shared-run-dir if every node "
+            "mounts this path (NFS, EFS)"
+        )
+
+
+def probe_storage(args: argparse.Namespace, run_dir: str) -> None:
+    """Write-probe the run directory from a Ray task with a synthesis actor's resources, where the work will run."""
     from hrhf.distributed.probe import check_storage_where_work_runs
 
-    try:
-        check_storage_where_work_runs(run_dir, num_cpus=args.cpus_per_actor, num_gpus=1 if args.gpu else 0,
-                                      timeout_s=PROBE_TIMEOUT_S)
-    except BaseException:
-        lease.release()
-        raise
+    check_storage_where_work_runs(run_dir, num_cpus=args.cpus_per_actor, num_gpus=1 if args.gpu else 0,
+                                  timeout_s=PROBE_TIMEOUT_S)
 
 
 def run_on_ray(cfg: Config, run_dir: str, args: argparse.Namespace, progress: Progress, lease: RunLease) -> dict:

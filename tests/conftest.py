@@ -25,7 +25,10 @@ def free_port() -> int:
 def s3_endpoint():
     """A moto S3 server on 127.0.0.1, with AWS variables pointing every client at it."""
     pytest.importorskip("moto")
+    import s3fs
     from moto.server import ThreadedMotoServer
+
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches instances, with an endpoint read from the environment
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
@@ -42,6 +45,7 @@ def s3_endpoint():
     yield env
     patcher.undo()
     server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def make_bucket(env: dict, name: str) -> None:

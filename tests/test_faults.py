@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import s3fs
 
 from conftest import PYTHON, ROOT, free_port, make_bucket
 
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 # Slow enough synthesis (one target per shard, 150 iterations) that a kill lands in the middle of it.
 JOB_ARGS = ["--preset", "smoke", "--set", "inversion.iterations=150", "--shard-size", "1", "--synthesis-actors", "2",
-            "--cpus-per-actor", "0.5", "--train-workers", "1", "--cpus-per-worker", "1", "--quiet"]
+            "--cpus-per-actor", "0.5", "--train-workers", "1", "--cpus-per-worker", "1", "--quiet",
+            "--shared-run-dir"]  # both nodes of the test cluster are this machine
 RESUME_ARGS = ["--take-over-lease", "--lease-timeout", "0.5"]  # the killed driver could not release its lease
 TOLERANCE = 0.005  # IoU as a fraction: 0.5 points
 
@@ -48,6 +50,7 @@ class MotoEndpoint:
 @pytest.fixture(scope="module")
 def s3_server():
     """The module's S3 endpoint."""
+    s3fs.S3FileSystem.clear_instance_cache()
     endpoint = MotoEndpoint()
     endpoint.start()
     yield endpoint
@@ -73,6 +76,7 @@ def cluster(s3_server):
     yield ray_cluster
     ray_cluster.shutdown()
     patcher.undo()
+    s3fs.S3FileSystem.clear_instance_cache()  # instances made here point at this module's endpoint
 
 
 def start_job(cluster, run_dir, *extra: str, env: dict | None = None) -> subprocess.Popen:
@@ -159,6 +163,16 @@ def reference(cluster, tmp_path_factory):
     return {"report": report, "run_dir": run_dir}
 
 
+def test_local_run_dir_on_two_nodes_is_refused(cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [PYTHON, "jobs/incremental.py", "--address", cluster.address, "--run-dir", str(run_dir), "--preset",
+               "smoke", "--quiet"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "has 2 nodes" in result.stderr and "s3://" in result.stderr and "--shared-run-dir" in result.stderr
+    assert not run_dir.exists()
+
+
 def test_driver_killed_mid_synthesis_then_resubmitted(cluster, reference, tmp_path):
     run_dir = tmp_path / "run"
     job = start_job(cluster, run_dir)
@@ -220,8 +234,6 @@ def test_corrupt_checkpoint_is_set_aside_and_recomputed(cluster, reference, tmp_
 
 
 def test_s3_endpoint_lost_mid_run_fails_fast_then_resumes(cluster, reference, s3_server):
-    import s3fs
-
     env = s3_server.env
     make_bucket(env, "faults")
     run_dir = "s3://faults/run"

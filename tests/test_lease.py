@@ -60,9 +60,10 @@ def test_conditional_put_on_s3(s3_endpoint):
 def test_second_identical_job_is_refused_while_the_first_finishes(tmp_path):
     """The README's check: the same command twice on one run directory."""
     run_dir = tmp_path / "run"
-    command = [PYTHON, "jobs/incremental.py", "--in-process", "--preset", "smoke", "--run-dir", str(run_dir), "--quiet"]
+    # --address local: a Ray of its own, never a cluster another test left on the machine
+    command = [PYTHON, "jobs/incremental.py", "--preset", "smoke", "--run-dir", str(run_dir), "--quiet", "--address", "local"]
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while not (run_dir / LEASE_NAME).exists():
         assert first.poll() is None and time.time() < deadline, first.communicate()
         time.sleep(0.1)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-IGNORE = 255
+from hrhf.tasks import IGNORE_INDEX
 
 
 def color_map(n: int) -> list[tuple[int, int, int]]:
@@ -65,7 +65,7 @@ class SegmentationSource(Dataset, abc.ABC):
     def labels_present(self, i: int) -> frozenset[int]:
         """Class labels in the mask of item i, without background 0 and ignore 255."""
         counts = np.bincount(self.load_mask(i).numpy().ravel(), minlength=256)
-        return frozenset(int(c) for c in np.flatnonzero(counts) if c not in (0, IGNORE))
+        return frozenset(int(c) for c in np.flatnonzero(counts) if c not in (0, IGNORE_INDEX))
 
     def all_labels_present(self) -> list[frozenset[int]]:
         """labels_present for every item, in index order."""

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from hrhf.data import IGNORE, SegmentationSource, color_map
+from hrhf.data import SegmentationSource, color_map
+from hrhf.tasks import IGNORE_INDEX
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -82,10 +83,10 @@ class _FileSource(SegmentationSource):
         if img.mode not in ("P", "L"):
             raise ValueError(f"mask {self._show(path)} has mode {img.mode}; expected a palette (P) or grey (L) PNG")
         mask = np.array(img)  # palette PNGs give palette indices, i.e. the label ids
-        bad = np.unique(mask[(mask > self.num_classes) & (mask != IGNORE)])
+        bad = np.unique(mask[(mask > self.num_classes) & (mask != IGNORE_INDEX)])
         if bad.size:
             raise ValueError(
-                f"mask {self._show(path)} has label values {bad.tolist()} outside 0..{self.num_classes} and {IGNORE}"
+                f"mask {self._show(path)} has label values {bad.tolist()} outside 0..{self.num_classes} and {IGNORE_INDEX}"
             )
         return mask
 

@@ -6,10 +6,10 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from hrhf.data import IGNORE
+from hrhf.tasks import IGNORE_INDEX
 from hrhf.pixels import MEAN, STD, denormalize, normalize, pixel_bounds  # noqa: F401 (re-exported)
 
-_FILL = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}
+_FILL = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
 
 
 def _to_float() -> v2.ToDtype:

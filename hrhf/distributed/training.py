@@ -219,6 +219,10 @@ class RayTrainer:
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as err:
+            for failure in getattr(err, "worker_failures", {}).values():
+                cause = getattr(failure, "cause", failure)  # a RayTaskError carries the worker's exception
+                if isinstance(cause, NonFiniteError) or isinstance(failure, NonFiniteError):
+                    raise NonFiniteError(f"{cause}; nothing of this step was saved") from err
             message = f"[step {job.step}] Ray training failed after {self.max_failures} restarts: {err}"
             raise RuntimeError(message) from err
         if result.checkpoint is None:

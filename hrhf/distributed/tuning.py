@@ -17,6 +17,7 @@ import tempfile
 from typing import Any
 
 import pyarrow.fs
+import ray
 import torch
 import yaml
 from ray import tune
@@ -27,11 +28,10 @@ from hrhf import config as config_lib
 from hrhf.config import Config
 from hrhf.metrics import summarize
 from hrhf.models import save_checkpoint
-from hrhf.pipeline import LocalTrainer, StepJob, run, sources_of, step_datasets, task_of
+from hrhf.pipeline import LocalTrainer, StepJob, evaluate_step, run, sources_of, step_datasets, task_of
 from hrhf.plots import scored_rows, sweep_png
 from hrhf.report import sweep_html, sweep_markdown
 from hrhf.storage import pyarrow_filesystem, write_bytes_atomic
-from hrhf.train import evaluate
 
 OBJECTIVE = "all"
 EXPERIMENT = "sweep"  # Tune's experiment folder in the run directory: fixed, so a resubmitted sweep finds it
@@ -89,13 +89,15 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], threads: int 
         with open(log_path, "a") as f:
             f.write(tune.get_context().get_trial_id() + "\n")
     cfg = trial_config(base_config, params)
+    if ray.get_gpu_ids():  # the trial reserved a GPU (--gpus-per-trial): compute on it
+        cfg.device = "cuda"
     torch.set_num_threads(threads)
     task = task_of(cfg)
     _, val = step_datasets(cfg, task, 1, sources_of(cfg))
     old, new = task.old_indices(1), task.new_indices(1)
 
     def report_epoch(job: StepJob, epoch: int, stats: dict[str, float]) -> None:
-        metrics = summarize(evaluate(job.student, val, task.num_seen(1) + 1, cfg.train.batch_size), old, new)
+        metrics = summarize(evaluate_step(cfg, job.student, val, task.num_seen(1) + 1), old, new)
         job.student.train()
         result = {"epoch": epoch + 1, "loss": stats["loss"], **{k: metrics[k] for k in ("old", "new", "all", "background")}}
         if epoch + 1 < job.epochs:
