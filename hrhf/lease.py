@@ -48,7 +48,8 @@ class RunLease:
     """Holds ``{run_dir}/_lease.json`` from ``acquire()`` to ``release()``; use as a context manager."""
 
     def __init__(self, run_dir: str, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S) -> None:
-        self.uri = f"{run_dir.rstrip('/')}/{LEASE_NAME}"
+        self.run_dir = run_dir.rstrip("/")
+        self.uri = f"{self.run_dir}/{LEASE_NAME}"
         self.fs, self.path = fsspec.core.url_to_fs(self.uri)
         self.local = is_local(self.uri)
         self.stale_after_s = stale_after_s
@@ -84,7 +85,7 @@ class RunLease:
             return True
         try:
             self.fs.pipe_file(self.path, data, mode="create")
-        except (FileExistsError, OSError) as err:
+        except OSError as err:
             if isinstance(err, FileExistsError) or "PreconditionFailed" in str(err) or "412" in str(err):
                 return False
             raise
@@ -110,18 +111,18 @@ class RunLease:
         try:
             created = self._create()
         except Exception as err:  # botocore's connection errors are not OSErrors
-            raise OSError(f"run directory {self.uri.rsplit('/', 1)[0]} is not reachable or not writable: {err}") from err
+            raise OSError(f"run directory {self.run_dir} is not reachable or not writable: {err}") from err
         if not created:
             holder = self.holder() or {}
             age = time.time() - float(holder.get("heartbeat", 0))
             if age <= self.stale_after_s:
                 raise LeaseHeldError(
-                    f"run directory {self.uri.rsplit('/', 1)[0]} is in use by {describe(holder)}; wait for that job "
+                    f"run directory {self.run_dir} is in use by {describe(holder)}; wait for that job "
                     "to end (or stop it), or use another run directory"
                 )
             if not takeover:
                 raise LeaseHeldError(
-                    f"run directory {self.uri.rsplit('/', 1)[0]} has a stale lease of {describe(holder)} "
+                    f"run directory {self.run_dir} has a stale lease of {describe(holder)} "
                     f"(older than {self.stale_after_s:.0f} s): if that job is gone, rerun with --take-over-lease"
                 )
             self._write()
@@ -130,11 +131,7 @@ class RunLease:
         return self
 
     def _write(self) -> None:
-        data = self._payload()
-        if self.local:
-            write_bytes_atomic(self.uri, data)
-        else:
-            self.fs.pipe_file(self.path, data)
+        write_bytes_atomic(self.uri, self._payload())
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -150,7 +147,7 @@ class RunLease:
     def check(self) -> None:
         """Raise LeaseHeldError if another job has taken the lease over since it was acquired."""
         if self.lost:
-            raise LeaseHeldError(f"run directory {self.uri.rsplit('/', 1)[0]}: {self.lost}; stopping before writing more")
+            raise LeaseHeldError(f"run directory {self.run_dir}: {self.lost}; stopping before writing more")
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lease file if it is still ours."""

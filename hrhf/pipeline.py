@@ -183,7 +183,9 @@ def step_targets(cfg: Config, task: Task, step: int) -> list[Target]:
     return make_targets(task.old_indices(step), inv.scales, inv.images_per_scale, base_seed=cfg.seed * 100 + step)
 
 
-def _checkpoint_classes_match(payload: dict[str, Any], task: Task, upto: int) -> None:
+def _check_checkpoint(payload: dict[str, Any], cfg: Config, task: Task, upto: int, uri: str) -> None:
+    """Raise ValueError unless a checkpoint holds the configured architecture and the task's classes of steps 0..upto."""
+    check_architecture(payload, cfg.model.name, cfg.model.width, uri)
     expected = [list(task.steps[s]) for s in range(upto + 1)]
     if payload["classes"][: upto + 1] != expected:
         raise ValueError(
@@ -299,8 +301,7 @@ def preflight(cfg: Config, run_dir: str | None, check_data: bool = True) -> Task
     RunDir(run_dir).check(cfg)
     if cfg.train.init_checkpoint and not cfg.method.joint:
         _, payload = load_checkpoint(cfg.train.init_checkpoint)
-        check_architecture(payload, cfg.model.name, cfg.model.width, cfg.train.init_checkpoint)
-        _checkpoint_classes_match(payload, task, 0)
+        _check_checkpoint(payload, cfg, task, 0, cfg.train.init_checkpoint)
     sources = sources_of(cfg)
     if check_data and cfg.data.dataset != "shapes":
         for source in sources:
@@ -347,8 +348,7 @@ def _load_finished_step(rundir: RunDir, step: int, task: Task, cfg: Config, prog
         rundir.fs.mv(rundir.path(name), rundir.path(f"{name}.damaged"))
         progress.event("run", step, f"{err}; moved it to {name}.damaged and recomputing the step", level="warning")
         return None
-    check_architecture(payload, cfg.model.name, cfg.model.width, rundir.path(name))
-    _checkpoint_classes_match(payload, task, step)
+    _check_checkpoint(payload, cfg, task, step, rundir.path(name))
     return model, payload
 
 
@@ -396,8 +396,7 @@ def _run_steps(
         if cfg.method.joint or step == 0:
             if step == 0 and cfg.train.init_checkpoint and not cfg.method.joint:
                 model, payload = load_checkpoint(cfg.train.init_checkpoint, cfg.device)
-                check_architecture(payload, cfg.model.name, cfg.model.width, cfg.train.init_checkpoint)
-                _checkpoint_classes_match(payload, task, 0)
+                _check_checkpoint(payload, cfg, task, 0, cfg.train.init_checkpoint)
                 progress.event("training", 0, f"starting from {cfg.train.init_checkpoint}")
                 student = None
             else:

@@ -121,23 +121,26 @@ def broken_loop(config):
     raise ValueError("no data today")
 
 
-def test_failed_training_raises_a_clear_error(tmp_path):
-    trainer = RayTrainer(num_workers=1, cpus_per_worker=0.5, storage_path=str(tmp_path), max_failures=0,
-                         log=lambda _: None, train_loop=broken_loop)
-    with pytest.raises(RuntimeError, match=r"(?s)\[step 1\] Ray training failed.*no data today"):
-        trainer.train(make_job("ft", epochs=1))
-
-
 def exploding_loop(config):
     from hrhf.inversion import NonFiniteError
 
     raise NonFiniteError("step 1, epoch 1/1, rank 0, iteration 3: non-finite loss (loss=nan)")
 
 
+def train_with_loop(tmp_path, loop) -> None:
+    """One step through RayTrainer with a replaced worker loop and no restarts."""
+    trainer = RayTrainer(num_workers=1, cpus_per_worker=0.5, storage_path=str(tmp_path), max_failures=0,
+                         log=lambda _: None, train_loop=loop)
+    trainer.train(make_job("ft", epochs=1))
+
+
+def test_failed_training_raises_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match=r"(?s)\[step 1\] Ray training failed.*no data today"):
+        train_with_loop(tmp_path, broken_loop)
+
+
 def test_non_finite_loss_in_a_worker_reaches_the_driver_as_such(tmp_path):
     from hrhf.inversion import NonFiniteError
 
-    trainer = RayTrainer(num_workers=1, cpus_per_worker=0.5, storage_path=str(tmp_path), max_failures=0,
-                         log=lambda _: None, train_loop=exploding_loop)
     with pytest.raises(NonFiniteError, match=r"step 1, epoch 1/1, rank 0, iteration 3: non-finite loss"):
-        trainer.train(make_job("ft", epochs=1))
+        train_with_loop(tmp_path, exploding_loop)
