@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from hrhf.config import InversionConfig
 from hrhf.losses import predicted_classes
+from hrhf.schedule import warmup_cosine
 from hrhf.pixels import denormalize, normalize, pixel_bounds
 
 
@@ -54,6 +56,10 @@ class SyntheticSet:
 
     def __len__(self) -> int:
         return len(self.meta)
+
+    def gallery_sample(self) -> SyntheticSet:
+        """The images a gallery may show: all of them, since they are in memory."""
+        return self
 
     @staticmethod
     def concat(parts: Sequence[SyntheticSet]) -> SyntheticSet:
@@ -219,13 +225,6 @@ class SegInversion:
         self._bn_terms = []
         return logits, prior
 
-    def _lr(self, it: int) -> float:
-        total = max(self.cfg.iterations, 1)
-        warmup = max(1, total // 20)
-        if it < warmup:
-            return self.cfg.lr * (it + 1) / warmup
-        return self.cfg.lr * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, total - warmup)))
-
     def invert_batch(self, targets: Sequence[Target]) -> SyntheticSet:
         """Optimise one batch of images from noise; deterministic for the same targets on CPU."""
         cfg, size = self.cfg, self.image_size
@@ -236,6 +235,7 @@ class SegInversion:
         x = x.clamp(self.low, self.high).requires_grad_(True)
         rng = torch.Generator().manual_seed(targets[0].seed ^ len(targets))
         adam = ImageAdam(x, betas=(0.5, 0.9))
+        lr_at = warmup_cosine(cfg.lr, cfg.iterations, warmup_divisor=20)
         # On the device, without a sync: the first iteration with a non-finite loss (-1: none yet) and
         # which images' class terms were non-finite then, to name the targets at fault before NaN spreads
         # to the whole batch through the BN prior.
@@ -262,7 +262,7 @@ class SegInversion:
                 self._check_loss(targets, int(first_bad_it), image_bad)
             x.grad = None
             loss.backward()
-            adam.step(self._lr(it))
+            adam.step(lr_at(it))
             with torch.no_grad():
                 x.clamp_(self.low, self.high)  # keeps NaN, so a NaN update still reaches the final check
         image_finite = x.detach().isfinite().flatten(1).all(1).cpu()
@@ -321,3 +321,19 @@ class SegInversion:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SyntheticData(Protocol):
+    """A step's synthetic images as the driver sees them: their metadata and a sample for the gallery.
+
+    In-process that is the SyntheticSet itself; on Ray a handle whose images stay in shards or the
+    object store until the workers stream them.
+    """
+
+    meta: list[dict]
+
+    def __len__(self) -> int: ...
+
+    def gallery_sample(self) -> SyntheticSet:
+        """The first image of each (class, scale), at least."""
+        ...

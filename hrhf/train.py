@@ -1,23 +1,90 @@
-"""Plain training and evaluation loops of one incremental step (no Ray; the Ray trainer reuses them)."""
+"""The epoch driver of one incremental step, written once for the in-process and the Ray Train path.
+
+Which images make up a batch is a pure function of the step's seed, the epoch and the batch index,
+never of the number of workers: each epoch shuffles the step's real images into global batches of
+``batch_size``; the synthetic half of global batch g is the run of ``fake_per_batch`` images that
+starts at g * fake_per_batch in the synthetic set, read cyclically (the targets are interleaved, so any
+run mixes classes and scales); every augmentation draw is seeded by (seed, epoch, item). A worker of
+``world`` takes its contiguous share of each global batch. One worker and N workers therefore see
+the same images in the same order; what differs is only where BatchNorm statistics are taken
+(``train.sync_bn`` makes them global on GPUs).
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from hrhf.config import MethodConfig
-from hrhf.pixels import normalize
-from hrhf.inversion import NonFiniteError, SyntheticSet
+from hrhf.config import Config, MethodConfig
+from hrhf.inversion import NonFiniteError, SyntheticData, SyntheticSet
 from hrhf.losses import predicted_classes
 from hrhf.methods import needs_teacher_on_real, step_loss
 from hrhf.metrics import ConfusionMatrix
 from hrhf.models import classifier_layers
+from hrhf.pixels import normalize
+from hrhf.schedule import warmup_cosine
 
 Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How one step trains, whoever runs it: the step loss, the schedule and the global batch."""
+
+    step: int
+    method: MethodConfig
+    n_old: int  # old classes the distillation terms cover (0 on step 0 and for joint training)
+    epochs: int
+    lr: float
+    batch_size: int  # real images per global batch, split over the workers
+    weight_decay: float
+    seed: int
+    freeze_bn: bool = False  # keep BatchNorm layers on their running statistics
+    clip_grad: float = 0.0  # > 0: clip the gradient norm
+    head_lr_mult: float = 1.0  # learning-rate multiplier of the classifier
+
+    @property
+    def fake_per_batch(self) -> int:
+        """Synthetic images per global batch, so that they make up ``fake_ratio`` of it."""
+        return fake_batch_size(self.batch_size, self.method.fake_ratio) if self.method.fake else 0
+
+
+@dataclass
+class StepJob:
+    """Everything one step's training needs; picklable, so a distributed trainer can ship it."""
+
+    step: int
+    student: nn.Module
+    teacher: nn.Module | None
+    real: Dataset
+    fake: SyntheticData | None
+    plan: StepPlan
+    cfg: Config
+
+
+def plan_step(cfg: Config, step: int, n_old: int, incremental: bool) -> StepPlan:
+    """The plan of a step: base settings on step 0 and joint training, incremental ones after."""
+    train = cfg.train
+    return StepPlan(
+        step=step,
+        method=cfg.method,
+        n_old=n_old,
+        epochs=train.epochs_step if incremental else train.epochs_base,
+        lr=train.lr_step if incremental else train.lr_base,
+        batch_size=train.batch_size,
+        weight_decay=train.weight_decay,
+        seed=cfg.seed * 100 + step,
+        freeze_bn=train.freeze_bn and incremental,
+        clip_grad=train.clip_grad if incremental else 0.0,
+        head_lr_mult=train.head_lr_mult if incremental else 1.0,
+    )
 
 
 def fake_batch_size(real_batch_size: int, fake_ratio: float) -> int:
@@ -25,39 +92,106 @@ def fake_batch_size(real_batch_size: int, fake_ratio: float) -> int:
     return max(1, round(real_batch_size * fake_ratio / (1.0 - fake_ratio))) if fake_ratio > 0 else 0
 
 
-def sample_fake(fake: SyntheticSet, count: int, generator: torch.Generator) -> torch.Tensor:
-    """A random batch of normalised synthetic images, each flipped with probability 1/2."""
-    index = torch.randint(len(fake), (count,), generator=generator)
-    images = normalize(fake.images[index])
-    flip = torch.rand(count, generator=generator) < 0.5
-    images[flip] = images[flip].flip(-1)
+def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches (item indices) of an epoch; the last partial batch is dropped when there is more than one."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_items).tolist()
+    if num_items <= batch_size:
+        return [order]
+    return [order[i : i + batch_size] for i in range(0, num_items - batch_size + 1, batch_size)]
+
+
+def iters_per_epoch(num_items: int, batch_size: int) -> int:
+    """How many global batches an epoch of ``num_items`` images holds."""
+    return 1 if num_items <= batch_size else num_items // batch_size
+
+
+def share(count: int, rank: int, world: int) -> slice:
+    """The contiguous part of ``count`` positions that worker ``rank`` of ``world`` takes."""
+    return slice(count * rank // world, count * (rank + 1) // world)
+
+
+def item_seed(seed: int, epoch: int, item: int) -> int:
+    """Seed of every random draw of the augmentation of one item in one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, item]).generate_state(1)[0])
+
+
+class SeededItems(Dataset):
+    """A step dataset indexed by (epoch, item): each item is augmented with draws seeded by item_seed."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, item = key
+        # torchvision's v2 transforms draw from torch's global generator
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed(self.seed, epoch, item))
+            return self.dataset[item]
+
+
+def collate_items(items: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (image, mask) pairs into a batch."""
+    return torch.stack([image for image, _ in items]), torch.stack([mask for _, mask in items])
+
+
+class FakeSource(Protocol):
+    """Where a worker's synthetic images come from: uint8 images at cyclic positions of the synthetic set."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, positions: Sequence[int]) -> torch.Tensor:
+        """uint8 (n, 3, H, W) images at ``positions`` (taken modulo the set's size, never decreasing)."""
+        ...
+
+
+class InMemoryFake:
+    """A FakeSource over a synthetic set held in memory (the in-process path)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def take(self, positions: Sequence[int]) -> torch.Tensor:
+        """Images at ``positions`` modulo the set's size."""
+        return self.images[torch.tensor(positions, dtype=torch.long) % len(self.images)]
+
+
+def fake_share(source: FakeSource, plan: StepPlan, global_batch: int, rank: int, world: int) -> torch.Tensor:
+    """This worker's part of the synthetic half of global batch ``global_batch``: normalised, some flipped."""
+    count = plan.fake_per_batch
+    part = share(count, rank, world)
+    flips = torch.rand(count, generator=torch.Generator().manual_seed(plan.seed * 1_000_003 + global_batch))[part] < 0.5
+    start = global_batch * count
+    images = normalize(source.take(range(start + part.start, start + part.stop)))
+    images[flips] = images[flips].flip(-1)
     return images
 
 
 def mixed_batches(
-    real_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    fake: SyntheticSet | None,
-    fake_ratio: float,
-    generator: torch.Generator,
+    real: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    fake: FakeSource | None,
+    plan: StepPlan,
+    epoch: int,
+    iters: int,
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[Batch]:
-    """Yield (real images, real labels, fake images or None): the half-real half-fake batches."""
-    for images, labels in real_loader:
+    """Yield (real images, real labels, synthetic images or None): this worker's share of each half-real half-fake batch.
+
+    ``iters`` is the number of global batches per epoch, which numbers the global batches of the step.
+    """
+    first = epoch * iters
+    for b, (images, labels) in enumerate(real):
         fake_images = None
-        if fake is not None and len(fake) and fake_ratio > 0:
-            fake_images = sample_fake(fake, fake_batch_size(len(images), fake_ratio), generator)
+        if fake is not None and len(fake) and plan.fake_per_batch:
+            fake_images = fake_share(fake, plan, first + b, rank, world)
         yield images, labels, fake_images
-
-
-def cosine_lr(base_lr: float, total_iters: int) -> Callable[[int], float]:
-    """Learning rate at iteration i: short linear warm-up, then cosine decay to zero."""
-    warmup = max(1, total_iters // 30)
-
-    def lr_at(i: int) -> float:
-        if i < warmup:
-            return base_lr * (i + 1) / warmup
-        return base_lr * 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, total_iters - warmup)))
-
-    return lr_at
 
 
 def train_steps(
@@ -67,21 +201,19 @@ def train_steps(
     optimizer: torch.optim.Optimizer,
     lr_at: Callable[[int], float],
     first_iter: int,
-    method: MethodConfig,
-    n_old: int,
+    plan: StepPlan,
     device: str = "cpu",
-    freeze_bn: bool = False,
-    clip_grad: float = 0.0,
 ) -> tuple[int, dict[str, float]]:
     """Run the shared step loss over ``batches``; returns the next iteration index and mean loss parts.
 
-    ``freeze_bn`` keeps BatchNorm layers on their running statistics (still training their affine
+    ``plan.freeze_bn`` keeps BatchNorm layers on their running statistics (still training their affine
     weights), so that neither a shift in the step's data nor the synthetic half moves them.
-    ``clip_grad`` > 0 clips the gradient norm, which keeps rare loss spikes from wiping out a step.
+    ``plan.clip_grad`` > 0 clips the gradient norm, which keeps rare loss spikes from wiping out a step.
     A non-finite loss or gradient raises NonFiniteError before the optimiser steps.
     """
+    method = plan.method
     student.train()
-    if freeze_bn:
+    if plan.freeze_bn:
         for module in student.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
@@ -105,7 +237,7 @@ def train_steps(
                     teacher_out = torch.cat([teacher_out.new_zeros(n_real, *teacher_out.shape[1:]), teacher_out])
         loss, parts = step_loss(
             method,
-            n_old,
+            plan.n_old,
             outputs[:n_real],
             labels,
             teacher_real=None if teacher_out is None else teacher_out[:n_real],
@@ -119,10 +251,11 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # The norm is computed even without clipping: a non-finite gradient must stop the step, not reach the weights.
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip_grad if clip_grad > 0 else math.inf))
+        clip = plan.clip_grad if plan.clip_grad > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip))
         if not math.isfinite(grad_norm):
             raise NonFiniteError(f"iteration {it}: non-finite gradient norm (loss {parts['loss']:.4g})")
-        if clip_grad > 0:
+        if plan.clip_grad > 0:
             parts["grad_norm"] = grad_norm
         optimizer.step()
         for name, value in parts.items():
@@ -149,17 +282,49 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr_mul
     return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=0.9, nesterov=True)
 
 
-def real_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
-    """Shuffled loader of a step's real images; drops the last partial batch when there is more than one."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=len(dataset) > batch_size,
-        num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=num_workers > 0,
-    )
+def step_lr(plan: StepPlan, iters: int) -> Callable[[int], float]:
+    """The step's schedule: warm-up over 1/30 of the iterations, then cosine decay."""
+    return warmup_cosine(plan.lr, plan.epochs * iters, warmup_divisor=30)
+
+
+EpochCallback = Callable[[int, int, dict[str, float]], None]  # (epoch, next iteration, mean loss parts)
+
+
+def run_epochs(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    plan: StepPlan,
+    batches_of_epoch: Callable[[int], Iterable[Batch]],
+    iters: int,
+    optimizer: torch.optim.Optimizer,
+    device: str = "cpu",
+    start_epoch: int = 0,
+    on_epoch: EpochCallback | None = None,
+) -> nn.Module:
+    """The epoch driver: ``plan.epochs`` passes of the step loss over ``batches_of_epoch(epoch)``.
+
+    ``iters`` is the number of global batches per epoch (it fixes the schedule); ``start_epoch`` > 0
+    resumes a run whose optimizer state was restored. ``student`` may be a DDP wrapper.
+    """
+    lr_at = step_lr(plan, iters)
+    it = start_epoch * iters
+    for epoch in range(start_epoch, plan.epochs):
+        try:
+            it, stats = train_steps(student, teacher, batches_of_epoch(epoch), optimizer, lr_at, it, plan, device)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"epoch {epoch + 1}/{plan.epochs}, {err}") from None
+        if on_epoch is not None:
+            on_epoch(epoch, it, stats)
+    return student
+
+
+def local_real_batches(
+    real: Dataset, plan: StepPlan, epoch: int, num_workers: int = 0
+) -> DataLoader:
+    """The real halves of an epoch's global batches, decoded and augmented by a DataLoader in this process."""
+    batches = [[(epoch, i) for i in batch] for batch in epoch_batches(len(real), plan.batch_size, plan.seed, epoch)]
+    return DataLoader(SeededItems(real, plan.seed), batch_sampler=batches, num_workers=num_workers,
+                      collate_fn=collate_items)
 
 
 def fit(
@@ -167,41 +332,25 @@ def fit(
     teacher: nn.Module | None,
     real: Dataset,
     fake: SyntheticSet | None,
-    method: MethodConfig,
-    n_old: int,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    weight_decay: float,
-    seed: int,
-    num_workers: int = 0,
+    plan: StepPlan,
     device: str = "cpu",
-    freeze_bn: bool = False,
-    clip_grad: float = 0.0,
-    head_lr_mult: float = 1.0,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    num_workers: int = 0,
+    on_epoch: EpochCallback | None = None,
 ) -> nn.Module:
-    """Train ``student`` in-process for ``epochs`` passes over the real data of the step."""
+    """Train ``student`` in this process for the plan's epochs over the step's real (and synthetic) data."""
     if len(real) == 0:
         raise ValueError("the step has no training images: no image holds a pixel of its new classes")
     student.to(device)
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
-    loader = real_loader(real, batch_size, seed, num_workers)
-    optimizer = make_optimizer(student, lr, weight_decay, head_lr_mult)
-    lr_at = cosine_lr(lr, epochs * len(loader))
-    generator = torch.Generator().manual_seed(seed + 1)
-    it = 0
-    for epoch in range(epochs):
-        batches = mixed_batches(loader, fake if method.fake else None, method.fake_ratio, generator)
-        try:
-            it, stats = train_steps(student, teacher, batches, optimizer, lr_at, it, method, n_old, device, freeze_bn,
-                                    clip_grad)
-        except NonFiniteError as err:
-            raise NonFiniteError(f"epoch {epoch + 1}/{epochs}, {err}") from None
-        if on_epoch is not None:
-            on_epoch(epoch, stats)
-    return student
+    fake_source = InMemoryFake(fake.images) if fake is not None and len(fake) and plan.method.fake else None
+    iters = iters_per_epoch(len(real), plan.batch_size)
+    optimizer = make_optimizer(student, plan.lr, plan.weight_decay, plan.head_lr_mult)
+
+    def batches_of_epoch(epoch: int) -> Iterator[Batch]:
+        return mixed_batches(local_real_batches(real, plan, epoch, num_workers), fake_source, plan, epoch, iters)
+
+    return run_epochs(student, teacher, plan, batches_of_epoch, iters, optimizer, device, on_epoch=on_epoch)
 
 
 @torch.no_grad()

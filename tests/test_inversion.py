@@ -19,7 +19,7 @@ from hrhf.inversion import (
 from hrhf.methods import METHODS
 from hrhf.models import build_model
 from hrhf.tasks import label_lut, make_task_from_steps
-from hrhf.train import fit
+from hrhf.train import StepPlan, fit
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,8 @@ def teacher():
     keep = [i for i, labels in enumerate(source.all_labels_present()) if labels & {1, 2, 3}]
     data = StepDataset(source, keep, label_lut(task, 0, "train"), None)
     model = build_model("small", 4, width=16)
-    return fit(model, None, data, None, METHODS["ft"], 0, epochs=20, lr=0.05, batch_size=16, weight_decay=0.0, seed=0).eval()
+    plan = StepPlan(step=0, method=METHODS["ft"], n_old=0, epochs=20, lr=0.05, batch_size=16, weight_decay=0.0, seed=0)
+    return fit(model, None, data, None, plan).eval()
 
 
 def _cfg(**kw):

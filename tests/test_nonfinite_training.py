@@ -9,7 +9,8 @@ from conftest import ROOT
 from hrhf.config import load_config
 from hrhf.inversion import NonFiniteError
 from hrhf.pipeline import run
-from hrhf.train import cosine_lr, make_optimizer, train_steps
+from hrhf.schedule import warmup_cosine
+from hrhf.train import make_optimizer, plan_step, train_steps
 
 
 def test_exploding_step_zero_names_step_epoch_and_iteration(tmp_path):
@@ -32,7 +33,8 @@ def test_non_finite_gradient_stops_before_the_weights_change():
     first.register_hook(lambda grad: grad * float("nan"))
     optimizer = make_optimizer(model, 0.1, 0.0)
     with pytest.raises(NonFiniteError, match="iteration 5: non-finite gradient"):
-        train_steps(model, None, [(images, labels, None)], optimizer, cosine_lr(0.1, 10), 5, cfg.method, 0)
+        train_steps(model, None, [(images, labels, None)], optimizer, warmup_cosine(0.1, 10, 30), 5,
+                    plan_step(cfg, 0, n_old=0, incremental=False))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k and "num_batches" not in k)
 

@@ -1,0 +1,107 @@
+"""The epoch driver gives the same batches and the same weights on one process and on two (gloo, DDP)."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from hrhf.batchnorm import synchronise_batchnorm
+from hrhf.config import load_config
+from hrhf.data import make_source
+from hrhf.data.incremental import StepDataset
+from hrhf.inversion import SyntheticSet
+from hrhf.models import build_model, widen_classifier
+from hrhf.tasks import label_lut, make_task_from_steps
+from hrhf.train import (
+    InMemoryFake,
+    SeededItems,
+    collate_items,
+    epoch_batches,
+    fake_share,
+    iters_per_epoch,
+    make_optimizer,
+    mixed_batches,
+    plan_step,
+    run_epochs,
+    share,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup():
+    """Step 1 of a 3+2 protocol on 40 shapes images with augmentation, a widened width-4 student, 10 fake images."""
+    task = make_task_from_steps("shapes", [[1, 2, 3], [4, 5]], overlap=True)
+    source = make_source("shapes", "train", image_size=32, size=40, seed=0)
+    real = StepDataset(source, range(len(source)), label_lut(task, 1, "train"), None)
+    torch.manual_seed(0)
+    teacher = build_model("small", 4, width=4)
+    student = widen_classifier(build_model("small", 4, width=4), 2)
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    fake = SyntheticSet(images, torch.zeros(10, 32, 32, dtype=torch.uint8), [{}] * 10)
+    cfg = load_config("smoke", method="hrhf", overrides=["train.batch_size=8", "train.epochs_step=2"])
+    plan = plan_step(cfg, 1, n_old=3, incremental=True)
+    return real, fake, teacher, student, plan
+
+
+def _train(rank: int, world: int) -> torch.nn.Module:
+    real, fake, teacher, student, plan = _setup()
+    iters = iters_per_epoch(len(real), plan.batch_size)
+    items = SeededItems(real, plan.seed)
+    net = synchronise_batchnorm(student, torch.device("cpu")) if world > 1 else student
+    model = DistributedDataParallel(net) if world > 1 else net
+    optimizer = make_optimizer(net, plan.lr, plan.weight_decay, plan.head_lr_mult)
+
+    def batches_of_epoch(epoch):
+        real_batches = (collate_items([items[(epoch, i)] for i in batch[share(len(batch), rank, world)]])
+                        for batch in epoch_batches(len(real), plan.batch_size, plan.seed, epoch))
+        return mixed_batches(real_batches, InMemoryFake(fake.images), plan, epoch, iters, rank, world)
+
+    run_epochs(model, teacher.eval().requires_grad_(False), plan, batches_of_epoch, iters, optimizer)
+    return net
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        net = _train(rank, 2)
+        torch.save(net.state_dict(), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shares_of_a_global_batch_do_not_depend_on_the_worker_count():
+    real, fake, _, _, plan = _setup()
+    for epoch in range(2):
+        batches = epoch_batches(len(real), plan.batch_size, plan.seed, epoch)
+        assert len(batches) == iters_per_epoch(len(real), plan.batch_size) == 5
+        for batch in batches:
+            assert sum((batch[share(len(batch), r, 2)] for r in range(2)), []) == batch
+        items = SeededItems(real, plan.seed)
+        first, again = items[(epoch, batches[0][0])], items[(epoch, batches[0][0])]
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert epoch_batches(len(real), plan.batch_size, plan.seed, 0) != epoch_batches(len(real), plan.batch_size, plan.seed, 1)
+    source = InMemoryFake(fake.images)
+    whole = fake_share(source, plan, 7, 0, 1)
+    assert torch.equal(torch.cat([fake_share(source, plan, 7, r, 2) for r in range(2)]), whole)
+    assert len(whole) == plan.fake_per_batch
+
+
+def test_two_ddp_workers_reach_the_weights_of_one_process(tmp_path):
+    torch.set_num_threads(1)
+    single = _train(0, 1).state_dict()
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    for rank in range(2):
+        state = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, value in single.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(state[name], value, rtol=1e-3, atol=1e-4, msg=name)
