@@ -15,9 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import fsspec
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -25,39 +23,23 @@ from hrhf import config as config_lib
 from hrhf.config import Config
 from hrhf.data import build_step_datasets, make_source
 from hrhf.data.transforms import eval_transform, train_transform
-from hrhf.inversion import NonFiniteError, SegInversion, SyntheticSet, Target, make_targets
+from hrhf.inversion import NonFiniteError, SegInversion, SyntheticData, SyntheticSet, Target, make_targets
 from hrhf.metrics import summarize
 from hrhf.lease import RunLease
 from hrhf.models import build_model, check_architecture, load_checkpoint, save_checkpoint, widen_classifier
-from hrhf.plots import gallery_png, miou_per_step_png, per_class_iou_png
-from hrhf.progress import Progress, as_progress
-from hrhf.report import References, gallery_name, html_report, markdown_report, percent, references_of
-from hrhf.storage import write_bytes_atomic
+from hrhf.plots import gallery_png
+from hrhf.progress import Log, Progress, as_progress
+from hrhf.report import gallery_name, percent, synthesis_summary, write_report
+from hrhf.storage import RunDir
 from hrhf.tasks import Task, make_task
-from hrhf.train import evaluate, fit
+from hrhf.train import StepJob, evaluate, fit, plan_step
 
-Log = Callable[[str], None]  # a plain log function, or a hrhf.progress.Progress for structured events
-
-
-@dataclass
-class StepJob:
-    """Everything one step's training needs; picklable, so a distributed trainer can ship it."""
-
-    step: int
-    student: nn.Module
-    teacher: nn.Module | None
-    real: Dataset
-    fake: SyntheticSet | None
-    n_old: int
-    epochs: int
-    lr: float
-    cfg: Config
 
 
 class Synthesizer(Protocol):
     """Turns a frozen old model and a list of targets into a synthetic set."""
 
-    def synthesize(self, teacher: nn.Module, targets: list[Target], step: int) -> SyntheticSet:
+    def synthesize(self, teacher: nn.Module, targets: list[Target], step: int) -> SyntheticData:
         """Invert ``teacher`` for every target."""
         ...
 
@@ -68,6 +50,31 @@ class Trainer(Protocol):
     def train(self, job: StepJob) -> nn.Module:
         """Train ``job.student`` on the step's real (and fake) data."""
         ...
+
+
+class Evaluator(Protocol):
+    """Confusion matrix of a model on a step's validation set."""
+
+    def evaluate(self, cfg: Config, model: nn.Module, val: Dataset, num_classes: int) -> torch.Tensor:
+        """Rows = truth, columns = prediction."""
+        ...
+
+
+class LocalEvaluator:
+    """Evaluation in this process (evaluate_step)."""
+
+    def evaluate(self, cfg: Config, model: nn.Module, val: Dataset, num_classes: int) -> torch.Tensor:
+        """Confusion matrix by evaluate_step."""
+        return evaluate_step(cfg, model, val, num_classes)
+
+
+@dataclass
+class Workers:
+    """Who synthesises, trains and evaluates: in this process, or on Ray."""
+
+    synthesizer: Synthesizer
+    trainer: Trainer
+    evaluator: Evaluator
 
 
 class LocalSynthesizer:
@@ -102,42 +109,17 @@ class LocalTrainer:
 
     def train(self, job: StepJob) -> nn.Module:
         """Fit the student for the step's epochs."""
-        cfg = job.cfg
 
-        def on_epoch(epoch: int, stats: dict[str, float]) -> None:
-            self.log.event("training", job.step, done=epoch + 1, total=job.epochs, unit="epoch", **stats)
+        def on_epoch(epoch: int, _iteration: int, stats: dict[str, float]) -> None:
+            self.log.event("training", job.step, done=epoch + 1, total=job.plan.epochs, unit="epoch", **stats)
             if self.after_epoch is not None:
                 self.after_epoch(job, epoch, stats)
 
         try:
-            return fit(
-                job.student,
-                job.teacher,
-                job.real,
-                job.fake,
-                cfg.method,
-                job.n_old,
-                job.epochs,
-                job.lr,
-                cfg.train.batch_size,
-                cfg.train.weight_decay,
-                seed=cfg.seed * 100 + job.step,
-                num_workers=cfg.train.num_workers,
-                device=cfg.device,
-                **step_train_options(cfg, incremental=job.teacher is not None),
-                on_epoch=on_epoch,
-            )
+            return fit(job.student, job.teacher, job.real, job.fake, job.plan, device=job.cfg.device,
+                       num_workers=job.cfg.train.num_workers, on_epoch=on_epoch)
         except NonFiniteError as err:
             raise NonFiniteError(f"step {job.step}, {err}; nothing of this step was saved") from None
-
-
-def step_train_options(cfg: Config, incremental: bool) -> dict[str, float | bool]:
-    """Options that apply from step 1 on (the classifier was just widened); step 0 and joint train plainly."""
-    return {
-        "freeze_bn": cfg.train.freeze_bn and incremental,
-        "clip_grad": cfg.train.clip_grad if incremental else 0.0,
-        "head_lr_mult": cfg.train.head_lr_mult if incremental else 1.0,
-    }
 
 
 def task_of(cfg: Config) -> Task:
@@ -194,91 +176,6 @@ def _check_checkpoint(payload: dict[str, Any], cfg: Config, task: Task, upto: in
         )
 
 
-# Settings that change how a run executes, not what it computes: a resumed run may change them.
-RUNTIME_KEYS = {"device", "threads", "train.num_workers"}
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix.rstrip("."): tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}{key}."))
-    return flat
-
-
-class RunDir:
-    """A run's files under a local path or fsspec URI: config, per-step checkpoints, report."""
-
-    def __init__(self, uri: str | None) -> None:
-        self.uri = uri.rstrip("/") if uri else None
-        self.fs = fsspec.core.url_to_fs(self.uri)[0] if self.uri else None
-
-    def path(self, name: str) -> str:
-        """URI of a file in the run directory."""
-        return f"{self.uri}/{name}"
-
-    def exists(self, name: str) -> bool:
-        """Whether a file exists in the run directory."""
-        return self.uri is not None and self.fs.exists(self.path(name))
-
-    def read_text(self, name: str) -> str:
-        """Read a text file of the run directory."""
-        with fsspec.open(self.path(name), "r") as f:
-            return f.read()
-
-    def read_bytes(self, name: str) -> bytes:
-        """Read a binary file of the run directory."""
-        with fsspec.open(self.path(name), "rb") as f:
-            return f.read()
-
-    def write_text(self, name: str, text: str) -> None:
-        """Atomically write a text file of the run directory."""
-        self.write_bytes(name, text.encode())
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        """Atomically write a binary file of the run directory (nothing without a run directory)."""
-        if self.uri is not None:
-            write_bytes_atomic(self.path(name), data)
-
-    def existing_config(self) -> dict[str, Any] | None:
-        """The config recorded in the run directory, or None for a new one; OSError when it cannot be reached."""
-        if self.uri is None:
-            return None
-        try:
-            return yaml.safe_load(self.read_text("config.yaml")) if self.exists("config.yaml") else None
-        except Exception as err:  # botocore's connection errors are not OSErrors
-            raise OSError(f"run directory {self.uri} is not reachable: {err}") from err
-
-    def check(self, cfg: Config) -> None:
-        """Raise ValueError if the run directory holds another run's config; reads only."""
-        existing = self.existing_config()
-        if existing is None:
-            return
-        try:  # a key added to the config since that run was made holds its default there
-            existing = config_lib.to_dict(config_lib.from_dict(existing))
-        except ValueError:
-            pass  # compared as it is: the difference is then reported key by key
-        theirs, ours = _flatten(existing), _flatten(config_lib.to_dict(cfg))
-        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k) and k not in RUNTIME_KEYS)
-        if diff:
-            raise ValueError(
-                f"run directory {self.uri} holds another run's config (differs in: {', '.join(diff)}); "
-                "use a new run directory or the same config"
-            )
-
-    def claim(self, cfg: Config) -> None:
-        """Record the config, or check that an existing run directory holds the same one."""
-        if self.uri is None:
-            return
-        self.check(cfg)
-        if not self.exists("config.yaml"):
-            try:
-                self.write_text("config.yaml", yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
-            except Exception as err:  # botocore's connection errors are not OSErrors
-                raise OSError(f"run directory {self.uri} is not writable: {err}") from err
-
-
 def check_source(source: Dataset, threads: int = 8) -> None:
     """Decode every image and mask of a file-backed source; ValueError / FileNotFoundError names the first bad file.
 
@@ -318,6 +215,7 @@ def run(
     last_step: int | None = None,
     first_step: int = 0,
     lease: RunLease | None = None,
+    evaluator: Evaluator | None = None,
 ) -> dict[str, Any]:
     """Run the steps of the configured protocol (``first_step`` to ``last_step``) and return the report.
 
@@ -326,7 +224,8 @@ def run(
     (``write_report``). The run directory is leased for the whole run: pass the ``lease`` a job took
     before its checks, or ``run`` takes one itself (LeaseHeldError when another job holds it). Only
     joint training, whose steps are independent, may start after step 0. ``log`` is a plain log
-    function or a ``Progress`` receiving structured events.
+    function or a ``Progress`` receiving structured events. The defaults synthesise, train and evaluate
+    in this process.
     """
     config_lib.validate(cfg)
     if first_step and not cfg.method.joint:
@@ -334,7 +233,9 @@ def run(
     with contextlib.ExitStack() as stack:
         if run_dir is not None and lease is None:
             lease = stack.enter_context(RunLease(run_dir).acquire())
-        return _run_steps(cfg, RunDir(run_dir), synthesizer, trainer, as_progress(log), first_step, last_step, lease)
+        workers = Workers(synthesizer or LocalSynthesizer(cfg, log), trainer or LocalTrainer(log),
+                          evaluator or LocalEvaluator())
+        return _run_steps(cfg, RunDir(run_dir), workers, as_progress(log), first_step, last_step, lease)
 
 
 def _load_finished_step(rundir: RunDir, step: int, task: Task, cfg: Config, progress: Progress) -> tuple[nn.Module, dict] | None:
@@ -355,8 +256,7 @@ def _load_finished_step(rundir: RunDir, step: int, task: Task, cfg: Config, prog
 def _run_steps(
     cfg: Config,
     rundir: RunDir,
-    synthesizer: Synthesizer | None,
-    trainer: Trainer | None,
+    workers: Workers,
     progress: Progress,
     first_step: int,
     last_step: int | None,
@@ -366,8 +266,6 @@ def _run_steps(
         torch.set_num_threads(cfg.threads)
     task = task_of(cfg)
     rundir.claim(cfg)
-    synthesizer = synthesizer or LocalSynthesizer(cfg, progress)
-    trainer = trainer or LocalTrainer(progress)
     sources = sources_of(cfg)
     names, palette = sources[0].class_names, sources[0].palette
     report: dict[str, Any] = {"task": {"dataset": task.dataset, "protocol": task.name, "overlap": task.overlap,
@@ -380,6 +278,9 @@ def _run_steps(
         if recomputed and rundir.exists(ckpt_name):
             rundir.fs.rm_file(rundir.path(ckpt_name))
             progress.event("run", step, f"removed {ckpt_name}: an earlier step was recomputed", level="warning")
+        if recomputed and rundir.exists(f"train/step-{step}"):  # a Ray Train run that started from the old model
+            rundir.fs.rm(rundir.path(f"train/step-{step}"), recursive=True)
+            progress.event("run", step, f"removed train/step-{step}: an earlier step was recomputed", level="warning")
         finished = None if recomputed else _load_finished_step(rundir, step, task, cfg, progress)
         if finished is not None:
             model, payload = finished
@@ -401,25 +302,24 @@ def _run_steps(
                 student = None
             else:
                 student = build_model(cfg.model.name, n_seen + 1, cfg.model.width, cfg.model.backbone_weights)
-            epochs, lr, n_old_loss = cfg.train.epochs_base, cfg.train.lr_base, 0
+            plan = plan_step(cfg, step, n_old=0, incremental=False)
         else:
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
             student = widen_classifier(copy.deepcopy(model), len(task.new_classes(step)), cfg.method.init)
-            epochs, lr, n_old_loss = cfg.train.epochs_step, cfg.train.lr_step, n_old
+            plan = plan_step(cfg, step, n_old=n_old, incremental=True)
             if cfg.method.fake:
                 targets = step_targets(cfg, task, step)
                 synth_start = time.perf_counter()
-                fake = synthesizer.synthesize(teacher, targets, step)
+                fake = workers.synthesizer.synthesize(teacher, targets, step)
                 synth_seconds = time.perf_counter() - synth_start
         train_start = time.perf_counter()
         if student is not None:
-            progress.event("training", step, done=0, total=epochs, unit="epoch", real_images=len(real),
+            progress.event("training", step, done=0, total=plan.epochs, unit="epoch", real_images=len(real),
                            synthetic_images=len(fake) if fake else 0)
-            job = StepJob(step, student, teacher, real, fake, n_old_loss, epochs, lr, cfg)
-            model = trainer.train(job)
+            model = workers.trainer.train(StepJob(step, student, teacher, real, fake, plan, cfg))
         train_seconds = time.perf_counter() - train_start
         progress.event("evaluation", step, f"on {len(val)} validation images")
-        matrix = evaluate_step(cfg, model, val, n_seen + 1)
+        matrix = workers.evaluator.evaluate(cfg, model, val, n_seen + 1)
         metrics = summarize(matrix, task.old_indices(step), task.new_indices(step))
         result = {
             "step": step,
@@ -442,7 +342,7 @@ def _run_steps(
         if rundir.uri is not None and fake:
             classes = task.old_classes(step)
             rundir.write_bytes(gallery_name(step), gallery_png(
-                fake, ["background", *(names[c] for c in classes)], [palette[0], *(palette[c] for c in classes)],
+                fake.gallery_sample(), ["background", *(names[c] for c in classes)], [palette[0], *(palette[c] for c in classes)],
                 title=f"Step {step}: synthetic image | old model's label",
             ))
         if rundir.uri is not None:
@@ -455,36 +355,3 @@ def _run_steps(
         written = write_report(rundir, report)
         progress.event("report", None, f"{', '.join(written)} written to {rundir.uri}")
     return report
-
-
-def write_report(rundir: RunDir, report: dict[str, Any], references: References | None = None) -> list[str]:
-    """Write the plots, report.md, report.html and report.json; return the names written.
-
-    Galleries are not redrawn here: each synthesis step wrote its own, and those found in the run
-    directory are embedded (a step resumed from a run without one has none). ``references`` (or
-    ``report["references"]``) adds other methods' results as reference rows and curves.
-    """
-    if rundir.uri is None:
-        raise ValueError("write_report needs a run directory")
-    refs = references_of(report, references)
-    figures = {"miou_per_step.png": miou_per_step_png(report, refs), "per_class_iou.png": per_class_iou_png(report)}
-    written = list(figures)
-    for name, png in figures.items():
-        rundir.write_bytes(name, png)
-    for step in report["steps"]:
-        name = gallery_name(step["step"])
-        if step.get("num_fake") and rundir.exists(name):
-            figures[name] = rundir.read_bytes(name)
-    rundir.write_text("report.md", markdown_report(report, refs, figures=list(figures)))
-    rundir.write_text("report.html", html_report(report, figures, refs))
-    rundir.write_text("report.json", json.dumps(report, indent=2))  # last: the files it describes are in place first
-    return [*written, "report.md", "report.html", "report.json"]
-
-
-def synthesis_summary(fake: SyntheticSet | None) -> dict[str, float] | None:
-    """Mean teacher-labelled object area and its mean absolute gap to the SAA ratio r."""
-    if not fake:
-        return None
-    area = torch.tensor([m["area"] for m in fake.meta])
-    scale = torch.tensor([m["scale"] for m in fake.meta])
-    return {"mean_area": float(area.mean()), "area_vs_scale_mae": float((area - scale).abs().mean())}

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+Log = Callable[[str], None]  # a plain log function, or a Progress for structured events
 FORMATS = ("text", "json")
 LEVELS = ("info", "warning", "error")
 

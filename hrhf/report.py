@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 import yaml
+
+from hrhf.inversion import SyntheticData
+from hrhf.plots import miou_per_step_png, per_class_iou_png
+from hrhf.storage import RunDir
 
 METRICS = ("background", "old", "new", "all")
 References = Mapping[str, Sequence[Mapping[str, Any]]]
@@ -243,3 +249,36 @@ def sweep_html(rows: Sequence[Mapping[str, Any]], objective: str, scatter_png: b
     if scatter_png is not None:
         body.append(_html_figure("sweep.png", scatter_png, f"{objective} mIoU against each swept parameter; best trial in red."))
     return _html_page("Sweep results", body)
+
+
+def write_report(rundir: RunDir, report: dict[str, Any], references: References | None = None) -> list[str]:
+    """Write the plots, report.md, report.html and report.json; return the names written.
+
+    Galleries are not redrawn here: each synthesis step wrote its own, and those found in the run
+    directory are embedded (a step resumed from a run without one has none). ``references`` (or
+    ``report["references"]``) adds other methods' results as reference rows and curves.
+    """
+    if rundir.uri is None:
+        raise ValueError("write_report needs a run directory")
+    refs = references_of(report, references)
+    figures = {"miou_per_step.png": miou_per_step_png(report, refs), "per_class_iou.png": per_class_iou_png(report)}
+    written = list(figures)
+    for name, png in figures.items():
+        rundir.write_bytes(name, png)
+    for step in report["steps"]:
+        name = gallery_name(step["step"])
+        if step.get("num_fake") and rundir.exists(name):
+            figures[name] = rundir.read_bytes(name)
+    rundir.write_text("report.md", markdown_report(report, refs, figures=list(figures)))
+    rundir.write_text("report.html", html_report(report, figures, refs))
+    rundir.write_text("report.json", json.dumps(report, indent=2))  # last: the files it describes are in place first
+    return [*written, "report.md", "report.html", "report.json"]
+
+
+def synthesis_summary(fake: SyntheticData | None) -> dict[str, float] | None:
+    """Mean teacher-labelled object area and its mean absolute gap to the SAA ratio r."""
+    if not fake:
+        return None
+    area = torch.tensor([m["area"] for m in fake.meta])
+    scale = torch.tensor([m["scale"] for m in fake.meta])
+    return {"mean_area": float(area.mean()), "area_vs_scale_mae": float((area - scale).abs().mean())}

@@ -46,6 +46,8 @@ SCHEMA = pa.schema(
     ]
 )
 
+# Per-image metadata, also kept in each shard's commit marker so that a driver need not open the shard.
+META_COLUMNS = ("class", "scale", "seed", "loss", "area")
 # Keys every commit marker holds; a marker without them is treated as absent.
 MARKER_KEYS = ("shard_id", "rows", "seeds", "bytes", "sha256", "model_id", "step")
 # What ``ShardStore.verify`` says of a shard that was never committed (as opposed to a damaged one).
@@ -99,8 +101,7 @@ def from_table(table: pa.Table) -> SyntheticSet:
     columns = table.select(["image", "mask", "class", "scale", "seed", "loss", "area"]).to_pydict()
     images = np.stack([decode_png(b) for b in columns["image"]]).transpose(0, 3, 1, 2)
     masks = np.stack([decode_png(b) for b in columns["mask"]])
-    keys = ("class", "scale", "seed", "loss", "area")
-    meta = [dict(zip(keys, row)) for row in zip(*(columns[k] for k in keys))]
+    meta = [dict(zip(META_COLUMNS, row)) for row in zip(*(columns[k] for k in META_COLUMNS))]
     return SyntheticSet(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(masks), meta)
 
 
@@ -155,7 +156,7 @@ class ShardStore:
     def write_shard(self, shard_id: str, table: pa.Table) -> None:
         """Publish the shard's data, then its commit marker."""
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
+        pq.write_table(table, sink, row_group_size=1)  # one row per row group: a reader fetches single images
         data = sink.getvalue().to_pybytes()
         self._put(self.data_path(shard_id), data)
         marker = {
@@ -166,6 +167,7 @@ class ShardStore:
             "sha256": hashlib.sha256(data).hexdigest(),
             "model_id": table.column("model_id")[0].as_py() if table.num_rows else None,
             "step": table.column("step")[0].as_py() if table.num_rows else None,
+            "meta": table.select(list(META_COLUMNS)).to_pylist(),
         }
         self._put(self.marker_path(shard_id), json.dumps(marker).encode())
 
@@ -299,6 +301,26 @@ class ShardStore:
             ids.append(entry["shard_id"])
         return ids
 
+    def read_meta(self, shard_id: str) -> list[dict]:
+        """Per-image metadata of a finished shard, from its marker (or its metadata columns for older markers)."""
+        marker = self.read_marker(shard_id)
+        if marker is None:
+            raise FileNotFoundError(f"shard {shard_id} is not finished in {self.uri} (no readable commit marker)")
+        if isinstance(marker.get("meta"), list):
+            return marker["meta"]
+        with self.fs.open(self.data_path(shard_id), "rb") as f:
+            return pq.read_table(f, columns=list(META_COLUMNS)).to_pylist()
+
+    def read_rows(self, shard_id: str, rows: list[int]) -> SyntheticSet:
+        """Some rows of a finished shard, reading only their row groups (no checksum: for display)."""
+        with self.fs.open(self.data_path(shard_id), "rb") as f:
+            parquet = pq.ParquetFile(f)
+            if parquet.metadata.num_row_groups == parquet.metadata.num_rows:
+                table = parquet.read_row_groups(rows)
+            else:  # a shard written with several rows per row group
+                table = parquet.read().take(rows)
+        return from_table(table)
+
     def read_step(self, step: int) -> SyntheticSet:
         """The images of the shards in a step's manifest, in order."""
         return self.read_all(self.step_shards(step))
@@ -326,3 +348,47 @@ class ShardStore:
         if self.local:
             return pyarrow.fs.LocalFileSystem()
         return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs))
+
+
+def first_of_each_cell(meta: list[dict]) -> list[int]:
+    """Index of the first image of each (class, scale), in order: the images a gallery shows."""
+    first: dict[tuple[int, float], int] = {}
+    for i, entry in enumerate(meta):
+        first.setdefault((int(entry["class"]), float(entry["scale"])), i)
+    return sorted(first.values())
+
+
+class StoredSynthetic:
+    """A step's committed synthetic images, known by their metadata: images are read only where they are used.
+
+    The driver keeps this handle; Ray Train workers stream the shards (``parquet_paths``) themselves.
+    """
+
+    def __init__(self, store: ShardStore, step: int) -> None:
+        self.store = store
+        self.step = step
+        self.shard_ids = store.step_shards(step)
+        self.shard_meta = [store.read_meta(shard_id) for shard_id in self.shard_ids]
+        self.meta = [entry for meta in self.shard_meta for entry in meta]
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def parquet_paths(self) -> list[str]:
+        """The step's shard files within ``store.arrow_filesystem()``, in order."""
+        return [self.store.data_path(shard_id) for shard_id in self.shard_ids]
+
+    def read_all(self) -> SyntheticSet:
+        """Every image of the step, checked against the shards' checksums (tests and tools; workers stream instead)."""
+        return self.store.read_all(self.shard_ids)
+
+    def gallery_sample(self) -> SyntheticSet:
+        """The first image of each (class, scale), read from the few row groups that hold them."""
+        wanted = set(first_of_each_cell(self.meta))
+        parts, offset = [], 0
+        for shard_id, meta in zip(self.shard_ids, self.shard_meta):
+            rows = [i - offset for i in range(offset, offset + len(meta)) if i in wanted]
+            if rows:
+                parts.append(self.store.read_rows(shard_id, rows))
+            offset += len(meta)
+        return SyntheticSet.concat(parts)

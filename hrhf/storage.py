@@ -1,12 +1,17 @@
-"""Run storage on a local path or any fsspec URI (s3://...): atomic writes and pyarrow filesystems."""
+"""Run storage on a local path or any fsspec URI (s3://...): atomic writes, pyarrow filesystems, the run directory."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from typing import Any
 
 import fsspec
 import pyarrow.fs
+import yaml
+
+from hrhf import config as config_lib
+from hrhf.config import Config
 
 
 def is_local(uri: str) -> bool:
@@ -62,3 +67,88 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             os.close(dir_fd)
     else:
         fs.pipe_file(path, data)
+
+
+# Settings that change how a run executes, not what it computes: a resumed run may change them.
+RUNTIME_KEYS = {"device", "threads", "train.num_workers"}
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+class RunDir:
+    """A run's files under a local path or fsspec URI: config, per-step checkpoints, report."""
+
+    def __init__(self, uri: str | None) -> None:
+        self.uri = uri.rstrip("/") if uri else None
+        self.fs = fsspec.core.url_to_fs(self.uri)[0] if self.uri else None
+
+    def path(self, name: str) -> str:
+        """URI of a file in the run directory."""
+        return f"{self.uri}/{name}"
+
+    def exists(self, name: str) -> bool:
+        """Whether a file exists in the run directory."""
+        return self.uri is not None and self.fs.exists(self.path(name))
+
+    def read_text(self, name: str) -> str:
+        """Read a text file of the run directory."""
+        with fsspec.open(self.path(name), "r") as f:
+            return f.read()
+
+    def read_bytes(self, name: str) -> bytes:
+        """Read a binary file of the run directory."""
+        with fsspec.open(self.path(name), "rb") as f:
+            return f.read()
+
+    def write_text(self, name: str, text: str) -> None:
+        """Atomically write a text file of the run directory."""
+        self.write_bytes(name, text.encode())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Atomically write a binary file of the run directory (nothing without a run directory)."""
+        if self.uri is not None:
+            write_bytes_atomic(self.path(name), data)
+
+    def existing_config(self) -> dict[str, Any] | None:
+        """The config recorded in the run directory, or None for a new one; OSError when it cannot be reached."""
+        if self.uri is None:
+            return None
+        try:
+            return yaml.safe_load(self.read_text("config.yaml")) if self.exists("config.yaml") else None
+        except Exception as err:  # botocore's connection errors are not OSErrors
+            raise OSError(f"run directory {self.uri} is not reachable: {err}") from err
+
+    def check(self, cfg: Config) -> None:
+        """Raise ValueError if the run directory holds another run's config; reads only."""
+        existing = self.existing_config()
+        if existing is None:
+            return
+        try:  # a key added to the config since that run was made holds its default there
+            existing = config_lib.to_dict(config_lib.from_dict(existing))
+        except ValueError:
+            pass  # compared as it is: the difference is then reported key by key
+        theirs, ours = _flatten(existing), _flatten(config_lib.to_dict(cfg))
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k) and k not in RUNTIME_KEYS)
+        if diff:
+            raise ValueError(
+                f"run directory {self.uri} holds another run's config (differs in: {', '.join(diff)}); "
+                "use a new run directory or the same config"
+            )
+
+    def claim(self, cfg: Config) -> None:
+        """Record the config, or check that an existing run directory holds the same one."""
+        if self.uri is None:
+            return
+        self.check(cfg)
+        if not self.exists("config.yaml"):
+            try:
+                self.write_text("config.yaml", yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+            except Exception as err:  # botocore's connection errors are not OSErrors
+                raise OSError(f"run directory {self.uri} is not writable: {err}") from err

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-failures", type=int, default=2, help="train worker failures to recover from")
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray address (default: local Ray)")
     parser.add_argument("--in-process", action="store_true", help="run without Ray")
+    parser.add_argument("--worker-logs", action="store_true",
+                        help="also print what Ray's actors and workers print (otherwise only in Ray's log files)")
     parser.add_argument("--take-over-lease", action="store_true",
                         help="take the run directory over from a job whose lease went stale (it crashed or was killed)")
     parser.add_argument("--lease-timeout", type=float, default=STALE_AFTER_S,
@@ -121,8 +123,12 @@ def connect_ray(args: argparse.Namespace) -> None:
     import ray
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    # Worker output would break JSON-only or quiet stdout; the progress events all come from this driver.
-    ray.init(address=args.address, log_to_driver=not (args.quiet or args.log_format == "json"))
+    from hrhf.distributed import quiet_ray_output
+
+    # The job's output holds the job's own lines (its progress events all come from this driver); what
+    # Ray's actors, workers and Ray Data print stays in Ray's logs unless --worker-logs asks for it.
+    ray.init(address=args.address, log_to_driver=args.worker_logs and not (args.quiet or args.log_format == "json"))
+    quiet_ray_output()
     if args.gpu and not ray.cluster_resources().get("GPU"):
         # An autoscaling cluster may start without GPU nodes; one whose node types offer none never gets any.
         from ray._private.state import state
@@ -167,6 +173,7 @@ def probe_storage(args: argparse.Namespace, run_dir: str) -> None:
 
 def run_on_ray(cfg: Config, run_dir: str, args: argparse.Namespace, progress: Progress, lease: RunLease) -> dict:
     """The pipeline with Ray actors for synthesis and Ray Train for distillation."""
+    from hrhf.distributed.evaluation import RayEvaluator
     from hrhf.distributed.synthesis import RaySynthesizer
     from hrhf.distributed.training import RayTrainer
     from hrhf.storage import pyarrow_filesystem
@@ -190,7 +197,9 @@ def run_on_ray(cfg: Config, run_dir: str, args: argparse.Namespace, progress: Pr
         max_failures=args.max_failures,
         log=progress,
     )
-    return run(cfg, run_dir=run_dir, synthesizer=synthesizer, trainer=trainer, log=progress, lease=lease)
+    evaluator = RayEvaluator(num_actors=args.train_workers, cpus_per_actor=args.cpus_per_worker, use_gpu=args.gpu)
+    return run(cfg, run_dir=run_dir, synthesizer=synthesizer, trainer=trainer, evaluator=evaluator, log=progress,
+               lease=lease)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import sys
 import ray
 
 from hrhf.cli import add_config_arguments, add_progress_arguments, config_from_args, progress_from_args
-from hrhf.pipeline import RunDir, run
+from hrhf.pipeline import run
+from hrhf.storage import RunDir
 from hrhf.storage import absolute_uri
 
 

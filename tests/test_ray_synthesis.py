@@ -58,7 +58,7 @@ def test_object_store_sink(faults, cfg, teacher):
     synth = RaySynthesizer(cfg, num_actors=2, cpus_per_actor=1.0, shard_size=4, log=lines.append)
     result = synth.synthesize(teacher, targets(), step=1)
     assert seeds(result) == [t.seed for t in targets()]
-    assert result.images.shape == (12, 3, 32, 32) and result.masks.shape == (12, 32, 32)
+    assert result.read_all().images.shape == (12, 3, 32, 32) and result.read_all().masks.shape == (12, 32, 32)
     assert [m["class"] for m in result.meta] == [t.class_index for t in targets()]
     assert any("synthesis shards 3/3 images=12" in line for line in lines)
 
@@ -92,12 +92,12 @@ def test_parquet_sink_resumes_without_recomputing(faults, cfg, teacher, tmp_path
     assert any("synthesis shards 3/3 images=4" in line for line in lines)
     assert {s: os.stat(store.data_path(s)).st_mtime_ns for s in kept} == kept
     assert store.done() == set(ids)
-    assert torch.equal(second.images, first.images) and torch.equal(second.masks, first.masks)
+    assert torch.equal(second.read_all().images, first.read_all().images) and torch.equal(second.read_all().masks, first.read_all().masks)
 
     third = resubmit(ids)
     assert any("3/3 shards found" in line for line in lines)
     assert not any("synthesis shards" in line for line in lines)
-    assert torch.equal(third.images, first.images) and seeds(third) == seeds(first)
+    assert torch.equal(third.read_all().images, first.read_all().images) and seeds(third) == seeds(first)
 
 
 def test_dead_actors_are_retried(faults, cfg, teacher, tmp_path):
@@ -127,7 +127,7 @@ def test_s3_sink(faults, cfg, teacher, s3):
     assert seeds(result) == [t.seed for t in targets()]
     store = ShardStore("s3://hrhf-synth/run/synthetic", s3)
     assert store.done() == {"step5-00000", "step5-00001", "step5-00002"}
-    assert torch.equal(store.read_all().images, result.images)
+    assert torch.equal(store.read_all().images, result.read_all().images)
     ds = ray.data.read_parquet(store.parquet_paths(), filesystem=store.arrow_filesystem())
     assert sorted(row["seed"] for row in ds.select_columns(["seed"]).take_all()) == sorted(seeds(result))
 
@@ -168,7 +168,7 @@ def test_damaged_and_stale_shards_are_recomputed(faults, cfg, teacher, tmp_path)
     assert any("synthesis shards 3/3 images=8" in line for line in lines)  # the two bad shards, redone
     assert os.stat(store.data_path(intact)).st_mtime_ns == kept
     assert seeds(second) == [t.seed for t in targets()]
-    assert torch.equal(second.images, first.images) and torch.equal(second.masks, first.masks)
+    assert torch.equal(second.read_all().images, first.read_all().images) and torch.equal(second.read_all().masks, first.read_all().masks)
     for shard_id, part in make_shards(targets(), 4, step=7):
         assert store.verify(shard_id, [t.seed for t in part], model_id(teacher)) is None
 

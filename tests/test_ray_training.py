@@ -18,6 +18,7 @@ from hrhf.distributed.training import RayTrainer, load_train_state, train_loop_p
 from hrhf.inversion import SyntheticSet
 from hrhf.models import build_model, widen_classifier
 from hrhf.pipeline import StepJob
+from hrhf.train import plan_step
 from hrhf.tasks import label_lut, make_task_from_steps
 
 # Train workers cannot import this test module; the crashing loop below travels by value.
@@ -43,9 +44,10 @@ def make_job(method: str, epochs: int = 2, fake_images: int = 0) -> StepJob:
     if fake_images:
         images = torch.randint(0, 256, (fake_images, 3, 32, 32), dtype=torch.uint8)
         fake = SyntheticSet(images, torch.zeros(fake_images, 32, 32, dtype=torch.uint8), [{}] * fake_images)
-    cfg = load_config("smoke", method=method, overrides=["model.width=4"])
-    return StepJob(step=1, student=student, teacher=teacher, real=real, fake=fake, n_old=3, epochs=epochs, lr=0.01,
-                   cfg=cfg)
+    cfg = load_config("smoke", method=method, overrides=["model.width=4", f"train.epochs_step={epochs}",
+                                                         "train.lr_step=0.01"])
+    return StepJob(step=1, student=student, teacher=teacher, real=real, fake=fake,
+                   plan=plan_step(cfg, 1, n_old=3, incremental=True), cfg=cfg)
 
 
 def changed(before: dict, model: torch.nn.Module) -> bool:

@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pyarrow as pa
 import ray
+import ray.data
 import torch
 from ray.exceptions import RayActorError  # base of ActorDiedError and ActorUnavailableError
 from ray.exceptions import RayTaskError
@@ -27,7 +29,7 @@ from hrhf.distributed import peak_rss_mb
 from hrhf.inversion import NonFiniteError, SegInversion, SyntheticSet, Target
 from hrhf.models import build_model, num_outputs
 from hrhf.progress import as_progress
-from hrhf.shards import NO_MARKER, ShardStore, make_shards, to_table
+from hrhf.shards import NO_MARKER, ShardStore, StoredSynthetic, first_of_each_cell, from_table, make_shards, to_table
 from hrhf.storage import write_bytes_atomic
 
 # A directory of files named by shard id, each holding how many more times a worker should exit
@@ -80,6 +82,7 @@ class SynthesisActor:
         model.load_state_dict(teacher["state_dict"])
         self.inverter = SegInversion(model, cfg, image_size, device)
 
+    @ray.method(num_returns=2)
     def run_shard(
         self,
         shard_id: str,
@@ -88,14 +91,16 @@ class SynthesisActor:
         model_id: str,
         store_uri: str | None = None,
         storage_options: dict | None = None,
-    ) -> SyntheticSet | dict[str, Any]:
-        """Invert the targets; write them as a shard and return a summary, or return the set itself."""
+    ) -> tuple[dict[str, Any], pa.Table | None]:
+        """Invert the targets: a summary with their metadata, and their table (None when written as a shard)."""
         _inject_fault(shard_id)
         synthetic = self.inverter.invert(targets)
+        table = to_table(synthetic, model_id, step, shard_id)
+        summary = {"shard_id": shard_id, "meta": synthetic.meta, "peak_rss_mb": peak_rss_mb()}
         if store_uri is None:
-            return synthetic
-        ShardStore(store_uri, storage_options).write_shard(shard_id, to_table(synthetic, model_id, step, shard_id))
-        return {"shard_id": shard_id, "rows": len(synthetic), "peak_rss_mb": peak_rss_mb()}
+            return summary, table
+        ShardStore(store_uri, storage_options).write_shard(shard_id, table)
+        return summary, None
 
 
 def check_seeds(synthetic: SyntheticSet, seeds: list[int]) -> None:
@@ -111,6 +116,37 @@ def check_seeds(synthetic: SyntheticSet, seeds: list[int]) -> None:
     if not (missing or repeated or unknown):
         problem = "seeds out of target order"
     raise RuntimeError(f"synthesis returned {len(got)} images for {len(seeds)} targets: {problem}")
+
+
+class ObjectStoreSynthetic:
+    """Synthetic images held in Ray's object store, one Arrow table per shard; the driver keeps references and metadata."""
+
+    def __init__(self, shards: list[tuple[dict[str, Any], ray.ObjectRef]]) -> None:
+        self.table_refs = [table_ref for _, table_ref in shards]
+        self.shard_meta = [summary["meta"] for summary, _ in shards]
+        self.meta = [entry for meta in self.shard_meta for entry in meta]
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def dataset(self) -> ray.data.Dataset:
+        """The images as a Ray Dataset over the tables in the object store."""
+        return ray.data.from_arrow_refs(self.table_refs)
+
+    def read_all(self) -> SyntheticSet:
+        """Every image, fetched to this process (tests and tools; workers stream instead)."""
+        return SyntheticSet.concat([from_table(table) for table in ray.get(self.table_refs)])
+
+    def gallery_sample(self) -> SyntheticSet:
+        """The first image of each (class, scale), fetched from the tables that hold them."""
+        wanted = set(first_of_each_cell(self.meta))
+        parts, offset = [], 0
+        for table_ref, meta in zip(self.table_refs, self.shard_meta):
+            rows = [i - offset for i in range(offset, offset + len(meta)) if i in wanted]
+            if rows:
+                parts.append(from_table(ray.get(table_ref).take(rows)))
+            offset += len(meta)
+        return SyntheticSet.concat(parts)
 
 
 class RaySynthesizer:
@@ -144,8 +180,8 @@ class RaySynthesizer:
         if self.store is not None:
             self.store.check_access()  # fail before any work, not after the first step has trained
 
-    def synthesize(self, teacher: nn.Module, targets: list[Target], step: int) -> SyntheticSet:
-        """Invert every target on the actor pool; the result is in target order."""
+    def synthesize(self, teacher: nn.Module, targets: list[Target], step: int) -> StoredSynthetic | ObjectStoreSynthetic:
+        """Invert every target on the actor pool; a handle on the images, in target order (the driver holds no image)."""
         seeds = [t.seed for t in targets]
         if len(set(seeds)) != len(seeds):
             raise ValueError("target seeds must be unique: a seed identifies a synthetic image")
@@ -158,9 +194,9 @@ class RaySynthesizer:
         if self.store is not None:
             # read_shard checks each shard against its marker's checksum, check_seeds the seeds
             self.store.write_step_manifest(step, [shard_id for shard_id, _ in shards])
-            synthetic = self.store.read_step(step)
+            synthetic = StoredSynthetic(self.store, step)
         else:
-            synthetic = SyntheticSet.concat([results[shard_id] for shard_id, _ in shards])
+            synthetic = ObjectStoreSynthetic([results[shard_id] for shard_id, _ in shards])
         check_seeds(synthetic, seeds)
         return synthetic
 
@@ -203,7 +239,8 @@ class RaySynthesizer:
         pending = collections.deque(todo)
         running: dict[ray.ObjectRef, tuple[ray.actor.ActorHandle, str, list[Target]]] = {}
         failures: collections.Counter[str] = collections.Counter()
-        results: dict[str, Any] = {}
+        results: dict[str, tuple[dict[str, Any], ray.ObjectRef]] = {}
+        tables: dict[str, ray.ObjectRef] = {}
         images, start = 0, time.perf_counter()
         self.log.event("synthesis", step, done=finished, total=total, unit="shards", actors=len(actors))
         try:
@@ -211,14 +248,15 @@ class RaySynthesizer:
                 while idle and pending:
                     actor = idle.pop()
                     shard_id, shard_targets = pending.popleft()
-                    ref = actor.run_shard.remote(
+                    ref, table_ref = actor.run_shard.remote(
                         shard_id, shard_targets, step, teacher_id, self.store_uri, self.storage_options
                     )
                     running[ref] = (actor, shard_id, shard_targets)
+                    tables[shard_id] = table_ref
                 [ref], _ = ray.wait(list(running), num_returns=1)
                 actor, shard_id, shard_targets = running.pop(ref)
                 try:
-                    results[shard_id] = ray.get(ref)
+                    results[shard_id] = (ray.get(ref), tables.pop(shard_id))
                 except RayTaskError as err:
                     if isinstance(err.cause, NonFiniteError):  # deterministic: a retry would fail the same way
                         message = f"[step {step}] synthesis of shard {shard_id} failed: {err.cause}"
@@ -238,8 +276,7 @@ class RaySynthesizer:
                     pending.appendleft((shard_id, shard_targets))
                     continue
                 idle.append(actor)
-                if isinstance(results[shard_id], dict):
-                    self.actor_peak_rss_mb = max(self.actor_peak_rss_mb, results[shard_id]["peak_rss_mb"])
+                self.actor_peak_rss_mb = max(self.actor_peak_rss_mb, results[shard_id][0]["peak_rss_mb"])
                 images += len(shard_targets)
                 rate = images / max(time.perf_counter() - start, 1e-9)
                 done = finished + len(results)

@@ -1,35 +1,57 @@
-"""Distillation of one step with Ray Train: DDP workers, Ray Data shards, per-epoch checkpoints.
+"""Distillation of one step with Ray Train: DDP workers fed by Ray Data, per-epoch checkpoints.
 
-The step logic is hrhf.train's (train_steps, make_optimizer, cosine_lr, mixed_batches); this module
-only feeds it from Ray Data and makes it restartable: each epoch ends with a checkpoint from rank 0,
-and a restarted worker group (FailureConfig) or a re-run with the same storage resumes from it.
+The loop is hrhf.train's epoch driver; this module only feeds it on the workers and makes it
+restartable. No image passes through the driver:
+- real images: the driver builds, per worker, a Ray Dataset of item references (epoch, global batch,
+  item index) in hrhf.train's order; the worker decodes and augments its items itself, with the
+  step dataset's own transforms and hrhf.train's seeding rule, afresh every epoch;
+- synthetic images: every worker streams the step's committed Parquet shards (or the object-store
+  tables) with Ray Data, cyclically, and decodes only the rows of its share of each batch.
+Each epoch ends with a checkpoint from rank 0; a restarted worker group (FailureConfig) or a re-run
+with the same storage resumes from it. Epoch progress reaches the driver through a queue while the
+fit runs.
 """
 
 from __future__ import annotations
 
-import math
 import os
+import queue as queue_lib
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.data
 import ray.train
 import ray.train.torch
 import torch
+from ray.util.queue import Queue
 from torch import nn
 from torch.utils.data import Dataset
 
+from hrhf.batchnorm import synchronise_batchnorm
 from hrhf.distributed import peak_rss_mb
 from hrhf.inversion import NonFiniteError, SyntheticSet
 from hrhf.models import build_model, num_outputs
-from hrhf.pipeline import Log, StepJob, step_train_options
-from hrhf.progress import as_progress
-from hrhf.train import cosine_lr, make_optimizer, mixed_batches, train_steps
+from hrhf.progress import Log, as_progress
+from hrhf.shards import StoredSynthetic, decode_png, encode_png
+from hrhf.train import (
+    SeededItems,
+    StepJob,
+    StepPlan,
+    collate_items,
+    epoch_batches,
+    iters_per_epoch,
+    make_optimizer,
+    mixed_batches,
+    run_epochs,
+    share,
+)
 
 STATE_FILE = "state.pt"
 
@@ -41,100 +63,183 @@ def load_train_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
 
 
 @dataclass
-class _FakeShard:
-    """This worker's synthetic images, all that hrhf.train.sample_fake reads of a SyntheticSet."""
+class WorkerJob:
+    """What every worker of a step needs; the images themselves are read by the workers."""
 
-    images: torch.Tensor
+    plan: StepPlan
+    model_name: str
+    width: int
+    student_state: dict[str, torch.Tensor]
+    teacher_state: dict[str, torch.Tensor] | None
+    student_outputs: int
+    teacher_outputs: int | None
+    real: Dataset  # the step's real training set: sources and transforms, not images
+    iters: int  # global batches per epoch
+    num_fake: int
+    threads: int
+    sync_bn: bool
+    progress: Any = None  # a ray.util.queue.Queue receiving rank 0's per-epoch metrics
+
+
+def real_schedule(num_items: int, plan: StepPlan, world: int) -> list[pa.Table]:
+    """Per worker, the (epoch, batch, item) references of its share of every global batch of the step."""
+    columns: list[dict[str, list[int]]] = [{"epoch": [], "batch": [], "item": []} for _ in range(world)]
+    for epoch in range(plan.epochs):
+        for b, batch in enumerate(epoch_batches(num_items, plan.batch_size, plan.seed, epoch)):
+            for rank in range(world):
+                items = batch[share(len(batch), rank, world)]
+                columns[rank]["epoch"] += [epoch] * len(items)
+                columns[rank]["batch"] += [b] * len(items)
+                columns[rank]["item"] += items
+    return [pa.table({k: pa.array(v, pa.int64()) for k, v in c.items()}) for c in columns]
+
+
+class RealStream:
+    """A worker's real batches, epoch by epoch, from its stream of item references."""
+
+    def __init__(self, shard: ray.data.DataIterator, items: SeededItems) -> None:
+        self.items = items
+        self.groups = self._groups(shard)
+        self.pending: tuple[int, list[int]] | None = None
+
+    @staticmethod
+    def _groups(shard: ray.data.DataIterator) -> Iterator[tuple[int, list[int]]]:
+        key, items = None, []
+        for block in shard.iter_batches(batch_size=4096, batch_format="numpy", prefetch_batches=1):
+            for epoch, batch, item in zip(block["epoch"].tolist(), block["batch"].tolist(), block["item"].tolist()):
+                if (epoch, batch) != key and items:
+                    yield key[0], items
+                    items = []
+                key = (epoch, batch)
+                items.append(item)
+        if items:
+            yield key[0], items
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Decoded, augmented batches of ``epoch``; earlier epochs' references are skipped undecoded."""
+        while True:
+            if self.pending is None:
+                self.pending = next(self.groups, None)
+                if self.pending is None:
+                    return
+            group_epoch, items = self.pending
+            if group_epoch > epoch:
+                return
+            self.pending = None
+            if group_epoch == epoch:
+                yield collate_items([self.items[(epoch, item)] for item in items])
+
+
+class StreamedFake:
+    """A FakeSource over a Ray Dataset of synthetic rows, the set repeated end to end: only the current block is held."""
+
+    def __init__(self, dataset: ray.data.DataIterator, size: int) -> None:
+        self.size = size
+        self.rows = self._rows(dataset)
+        self.position = -1  # position of the last row read
+        self.image: bytes | None = None
+
+    @staticmethod
+    def _rows(dataset: ray.data.DataIterator) -> Iterator[bytes]:
+        for block in dataset.iter_batches(batch_size=64, batch_format="pyarrow", prefetch_batches=1):
+            yield from block.column("image").to_pylist()
 
     def __len__(self) -> int:
-        return len(self.images)
+        return self.size
 
-
-def _real_batches(
-    shard: ray.data.DataIterator, batch_size: int, drop_last: bool, seed: int, generator: torch.Generator
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled (images, labels) batches of this worker's real shard, each sample flipped with probability 1/2."""
-    for batch in shard.iter_torch_batches(
-        batch_size=batch_size, drop_last=drop_last, local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed
-    ):
-        images, labels = batch["image"], batch["mask"].long()
-        # The real rows were augmented once, when materialised; flipping here varies them per epoch.
-        flip = (torch.rand(len(images), generator=generator) < 0.5).to(images.device)
-        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        labels = torch.where(flip[:, None, None], labels.flip(-1), labels)
-        yield images, labels
+    def take(self, positions: Sequence[int]) -> torch.Tensor:
+        """uint8 images at ``positions`` of the repeated stream (non-decreasing: the stream only moves forward)."""
+        images = []
+        for position in positions:
+            if position < self.position:
+                raise ValueError(f"synthetic stream asked for position {position} after {self.position}")
+            while self.position < position:
+                self.image = next(self.rows)
+                self.position += 1
+            images.append(decode_png(self.image).transpose(2, 0, 1))
+        return torch.from_numpy(np.ascontiguousarray(np.stack(images)))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: DDP student, local frozen teacher, half-real half-fake epochs, checkpoints."""
-    torch.set_num_threads(config["threads"])
+    """One Ray Train worker: DDP student, local frozen teacher, hrhf.train's epochs, checkpoints."""
+    job: WorkerJob = config["job"]
+    plan = job.plan
+    torch.set_num_threads(job.threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    spec = config["model"]
-    net = build_model(spec["name"], spec["num_outputs"], spec["width"])
-    net.load_state_dict(config["student_state"])
+    net = build_model(job.model_name, job.student_outputs, job.width)
+    net.load_state_dict(job.student_state)
+    if job.sync_bn and world > 1:
+        net = synchronise_batchnorm(net, device)
     teacher = None
-    if config["teacher_state"] is not None:
-        teacher = build_model(spec["name"], config["teacher_outputs"], spec["width"])
-        teacher.load_state_dict(config["teacher_state"])
+    if job.teacher_state is not None:
+        teacher = build_model(job.model_name, job.teacher_outputs, job.width)
+        teacher.load_state_dict(job.teacher_state)
         teacher.to(device).eval().requires_grad_(False)
     student = ray.train.torch.prepare_model(net)  # wraps the same module: net's parameters are the student's
-    optimizer = make_optimizer(net, config["lr"], config["weight_decay"], config["head_lr_mult"])
+    optimizer = make_optimizer(net, plan.lr, plan.weight_decay, plan.head_lr_mult)
 
-    start_epoch, it, history = 0, 0, []
+    start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         state = load_train_state(checkpoint)
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, it, history = state["epoch"] + 1, state["iteration"], state["history"]
+        start_epoch, history = state["epoch"] + 1, state["history"]
 
-    fake = None
-    if config["use_fake"]:
-        rows = list(ray.train.get_dataset_shard("fake").iter_batches(batch_size=None, batch_format="numpy"))
-        fake = _FakeShard(torch.from_numpy(np.concatenate([r["image"] for r in rows])))
-    real = ray.train.get_dataset_shard("real")
-    method = config["method"]
-    epochs = config["epochs"]
-    lr_at = cosine_lr(config["lr"], epochs * config["iters_per_epoch"])
-    for epoch in range(start_epoch, epochs):
-        seed = (config["seed"] * 1_000 + epoch) * world + rank
-        generator = torch.Generator().manual_seed(seed)
-        real_batches = _real_batches(real, config["batch_size"], config["drop_last"], seed, generator)
-        batches = mixed_batches(real_batches, fake, method.fake_ratio, generator)
-        epoch_start, first_it = time.perf_counter(), it
-        try:
-            it, stats = train_steps(student, teacher, batches, optimizer, lr_at, it, method, config["n_old"],
-                                    str(device), config["freeze_bn"], config["clip_grad"])
-        except NonFiniteError as err:
-            raise NonFiniteError(f"step {config['step']}, epoch {epoch + 1}/{epochs}, rank {rank}, {err}") from None
+    fake = StreamedFake(ray.train.get_dataset_shard("fake"), job.num_fake) if job.num_fake else None
+    real = RealStream(ray.train.get_dataset_shard(f"real-{rank}"), SeededItems(job.real, plan.seed))
+    epoch_start = time.perf_counter()
+
+    def batches_of_epoch(epoch: int) -> Iterator:
+        return mixed_batches(real.epoch(epoch), fake, plan, epoch, job.iters, rank, world)
+
+    def on_epoch(epoch: int, iteration: int, stats: dict[str, float]) -> None:
+        nonlocal epoch_start
         seconds = time.perf_counter() - epoch_start
-        metrics = {"epoch": epoch, "iteration": it, **stats, "seconds_per_step": seconds / max(1, it - first_it),
+        metrics = {"epoch": epoch, "iteration": iteration, **stats, "seconds_per_step": seconds / job.iters,
                    "peak_rss_mb": peak_rss_mb()}
         history.append(metrics)
         if rank == 0:
+            if job.progress is not None:
+                job.progress.put(metrics)
             state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "iteration": it, "num_outputs": spec["num_outputs"], "history": history}
+                     "iteration": iteration, "num_outputs": job.student_outputs, "history": history}
             with tempfile.TemporaryDirectory() as directory:
                 torch.save(state, os.path.join(directory, STATE_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
+        epoch_start = time.perf_counter()
+
+    try:
+        run_epochs(student, teacher, plan, batches_of_epoch, job.iters, optimizer, str(device), start_epoch, on_epoch)
+    except NonFiniteError as err:
+        raise NonFiniteError(f"step {plan.step}, rank {rank}, {err}") from None
+
+
+def fake_dataset(fake: Any) -> ray.data.Dataset:
+    """The step's synthetic rows as a Ray Dataset, read where it is consumed (never through the driver)."""
+    if isinstance(fake, StoredSynthetic):
+        return ray.data.read_parquet(fake.parquet_paths(), filesystem=fake.store.arrow_filesystem(), columns=["image"])
+    if hasattr(fake, "dataset"):  # synthetic tables in Ray's object store
+        return fake.dataset()
+    if isinstance(fake, SyntheticSet):  # an in-memory set (tests, benchmarks): shipped once
+        images = fake.images.permute(0, 2, 3, 1).contiguous().numpy()
+        return ray.data.from_arrow(pa.table({"image": [encode_png(image) for image in images]}))
+    raise TypeError(f"cannot stream synthetic images from {type(fake).__name__}")
 
 
 class RayTrainer:
     """Trains a step's student with Ray Train's TorchTrainer (the Trainer protocol of hrhf.pipeline).
 
-    The step's real images are materialised once (augmented when drawn) into a Ray Dataset held in the
-    object store, which suits the small images of the procedural benchmark; real data of big datasets
-    would be read by Ray Data from files. Real and fake rows are split evenly over the workers (up to
-    ``num_workers - 1`` rows left out). Each run is named ``step-<step>`` under ``storage_path``, so a
-    re-run with the same storage resumes from its last checkpoint; without ``storage_path`` the
-    checkpoints go to a temporary local folder (single node) and nothing resumes. The per-epoch lines
-    are logged when the fit returns, from the history kept in the last checkpoint. ``train_loop``
-    replaces the worker loop (for instance to wrap it).
+    The global batch is the config's, split evenly over the workers, and every global batch holds the
+    same images whatever the number of workers (see hrhf.train). Each run is named ``step-<step>``
+    under ``storage_path``, so a re-run with the same storage resumes from its last checkpoint; without
+    ``storage_path`` the checkpoints go to a temporary local folder (single node) and nothing resumes.
+    ``train_loop`` replaces the worker loop (for instance to wrap it).
     """
 
     def __init__(
@@ -165,57 +270,69 @@ class RayTrainer:
         with tempfile.TemporaryDirectory(prefix="hrhf-train-") as directory:
             return self._fit(job, directory)
 
-    def loop_config(self, job: StepJob) -> dict[str, Any]:
-        """The config handed to every worker's train loop."""
-        cfg = job.cfg
-        batch_size = max(1, cfg.train.batch_size // self.num_workers)
-        rows = len(job.real) // self.num_workers  # streaming_split(equal=True) gives every worker as many
-        drop_last = rows > batch_size
-        return {
-            "model": {"name": cfg.model.name, "width": cfg.model.width, "num_outputs": num_outputs(job.student)},
-            "student_state": _cpu_state(job.student),
-            "teacher_state": None if job.teacher is None else _cpu_state(job.teacher),
-            "teacher_outputs": None if job.teacher is None else num_outputs(job.teacher),
-            "method": cfg.method,
-            "use_fake": _uses_fake(job),
-            "n_old": job.n_old,
-            "epochs": job.epochs,
-            "lr": job.lr,
-            "weight_decay": cfg.train.weight_decay,
-            "batch_size": batch_size,
-            "drop_last": drop_last,
-            "iters_per_epoch": rows // batch_size if drop_last else math.ceil(rows / batch_size),
-            **step_train_options(cfg, incremental=job.teacher is not None),
-            "step": job.step,
-            "seed": cfg.seed * 100 + job.step,
-            "threads": max(1, int(self.cpus_per_worker)),
-        }
+    def worker_job(self, job: StepJob, progress: Any = None) -> WorkerJob:
+        """The job handed to every worker."""
+        plan = job.plan
+        return WorkerJob(
+            plan=plan,
+            model_name=job.cfg.model.name,
+            width=job.cfg.model.width,
+            student_state=_cpu_state(job.student),
+            teacher_state=None if job.teacher is None else _cpu_state(job.teacher),
+            student_outputs=num_outputs(job.student),
+            teacher_outputs=None if job.teacher is None else num_outputs(job.teacher),
+            real=job.real,
+            iters=iters_per_epoch(len(job.real), plan.batch_size),
+            num_fake=len(job.fake) if _uses_fake(job) else 0,
+            threads=max(1, int(self.cpus_per_worker)),
+            sync_bn=job.cfg.train.sync_bn,
+            progress=progress,
+        )
 
-    def _fit(self, job: StepJob, storage_path: str) -> nn.Module:
+    def _check(self, job: StepJob) -> None:
+        plan = job.plan
+        if plan.batch_size % self.num_workers:
+            raise ValueError(f"the global batch of {plan.batch_size} images does not split evenly over "
+                             f"{self.num_workers} workers; choose a batch size divisible by the worker count")
         if len(job.real) < self.num_workers:
             raise ValueError(
-                f"step {job.step} has {len(job.real)} training images, fewer than the {self.num_workers} workers"
+                f"step {plan.step} has {len(job.real)} training images, fewer than the {self.num_workers} workers"
             )
-        datasets = {"real": real_dataset(job.real)}
+
+    def _fit(self, job: StepJob, storage_path: str) -> nn.Module:
+        self._check(job)
+        plan = job.plan
+        datasets = {f"real-{rank}": ray.data.from_arrow(table)
+                    for rank, table in enumerate(real_schedule(len(job.real), plan, self.num_workers))}
         if _uses_fake(job):
-            if len(job.fake) < self.num_workers:
-                raise ValueError(f"step {job.step}: {len(job.fake)} synthetic images for {self.num_workers} workers")
-            datasets["fake"] = fake_dataset(job.fake)
+            # every position the fit reads, as whole passes over the set: one stream, no restart per pass
+            iters = iters_per_epoch(len(job.real), plan.batch_size)
+            passes = -(-plan.epochs * iters * plan.fake_per_batch // len(job.fake))
+            fake = fake_dataset(job.fake)
+            datasets["fake"] = fake.union(*[fake] * (passes - 1)) if passes > 1 else fake
+        progress = Queue(actor_options={"num_cpus": 0})
         trainer = ray.train.torch.TorchTrainer(
             self.train_loop,
-            train_loop_config=self.loop_config(job),
+            train_loop_config={"job": self.worker_job(job, progress)},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=self.num_workers, use_gpu=self.use_gpu, resources_per_worker={"CPU": self.cpus_per_worker}
             ),
             run_config=ray.train.RunConfig(
-                name=f"step-{job.step}",
+                name=f"step-{plan.step}",
                 storage_path=storage_path,
                 storage_filesystem=self.storage_filesystem,
                 failure_config=ray.train.FailureConfig(max_failures=self.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             ),
             datasets=datasets,
+            dataset_config=ray.train.DataConfig(
+                datasets_to_split=[],  # each worker reads its own references; every worker streams the fake set
+                execution_options=ray.data.ExecutionOptions(preserve_order=True),
+            ),
         )
+        done = threading.Event()
+        relay = threading.Thread(target=self._relay, args=(progress, job, done), daemon=True)
+        relay.start()
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as err:
@@ -223,36 +340,36 @@ class RayTrainer:
                 cause = getattr(failure, "cause", failure)  # a RayTaskError carries the worker's exception
                 if isinstance(cause, NonFiniteError) or isinstance(failure, NonFiniteError):
                     raise NonFiniteError(f"{cause}; nothing of this step was saved") from err
-            message = f"[step {job.step}] Ray training failed after {self.max_failures} restarts: {err}"
+            message = f"[step {plan.step}] Ray training failed after {self.max_failures} restarts: {err}"
             raise RuntimeError(message) from err
+        finally:
+            done.set()
+            relay.join()
+            ray.kill(progress.actor)
         if result.checkpoint is None:
-            raise RuntimeError(f"[step {job.step}] Ray training ended without a checkpoint")
+            raise RuntimeError(f"[step {plan.step}] Ray training ended without a checkpoint")
         state = load_train_state(result.checkpoint)
         job.student.load_state_dict(state["model"])
         self.history = state["history"]
-        for metrics in self.history:  # replayed after the fit: no ETA
-            stats = {k: v for k, v in metrics.items() if k not in ("epoch", "iteration")}
-            self.log.event("training", job.step, done=metrics["epoch"] + 1, total=job.epochs, unit="epoch",
-                           estimate=False, **stats)
         return job.student
 
-
-def real_dataset(real: Dataset) -> ray.data.Dataset:
-    """A step's real training images as Ray Data rows {image: float32 (3, H, W), mask: uint8 (H, W)}."""
-    rows = []
-    for i in range(len(real)):
-        image, mask = real[i]
-        rows.append({"image": image.numpy().astype(np.float32), "mask": mask.numpy().astype(np.uint8)})
-    return ray.data.from_items(rows)
-
-
-def fake_dataset(fake: SyntheticSet) -> ray.data.Dataset:
-    """Synthetic images as Ray Data rows {image: uint8 (3, H, W)}."""
-    return ray.data.from_items([{"image": image} for image in fake.images.numpy()])
+    def _relay(self, progress: Queue, job: StepJob, done: threading.Event) -> None:
+        """Log rank 0's epoch metrics as they arrive, until the fit has returned and the queue is drained."""
+        while True:
+            try:
+                metrics = progress.get(timeout=0.5)
+            except (queue_lib.Empty, ray.util.queue.Empty):
+                if done.is_set():
+                    return
+                continue
+            except Exception:  # the queue actor is gone: nothing more will arrive
+                return
+            stats = {k: v for k, v in metrics.items() if k not in ("epoch", "iteration")}
+            self.log.event("training", job.step, done=metrics["epoch"] + 1, total=job.plan.epochs, unit="epoch", **stats)
 
 
 def _uses_fake(job: StepJob) -> bool:
-    return job.fake is not None and len(job.fake) > 0 and job.cfg.method.fake
+    return job.fake is not None and len(job.fake) > 0 and job.plan.method.fake
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

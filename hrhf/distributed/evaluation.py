@@ -1,0 +1,71 @@
+"""Evaluation on the cluster: Ray Data streams validation item references to a pool of model actors.
+
+Each actor decodes its items, predicts, and returns one confusion matrix per batch; the driver sums
+them. Batching follows hrhf.pipeline.evaluate_step (whole batches of procedural images, real images
+of mixed sizes one at a time), so the result equals the in-process evaluation on the same weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import ray.data
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from hrhf.config import Config
+from hrhf.losses import predicted_classes
+from hrhf.metrics import ConfusionMatrix
+from hrhf.models import build_model, num_outputs
+from hrhf.train import collate_items
+
+
+class _Predictor:
+    """A Ray Data actor holding the model: confusion matrix of each batch of item references."""
+
+    def __init__(self, model: dict, val: Dataset, num_classes: int, device: str, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.net = build_model(model["name"], model["num_outputs"], model["width"])
+        self.net.load_state_dict(model["state_dict"])
+        self.net.to(device).eval()
+        self.val = val
+        self.num_classes = num_classes
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, labels = collate_items([self.val[int(i)] for i in batch["item"]])
+        confusion = ConfusionMatrix(self.num_classes)
+        confusion.update(predicted_classes(self.net(images.to(self.device))).cpu(), labels)
+        return {"confusion": confusion.matrix.numpy().reshape(1, -1)}
+
+
+class RayEvaluator:
+    """The Evaluator of hrhf.pipeline on a pool of Ray Data actors (GPU actors with ``use_gpu``)."""
+
+    def __init__(self, num_actors: int = 2, cpus_per_actor: float = 1.0, use_gpu: bool = False) -> None:
+        self.num_actors = num_actors
+        self.cpus_per_actor = cpus_per_actor
+        self.use_gpu = use_gpu
+
+    def evaluate(self, cfg: Config, model: nn.Module, val: Dataset, num_classes: int) -> torch.Tensor:
+        """Confusion matrix (rows = truth) of ``model`` on ``val``, summed over the actors' batches."""
+        batch_size = cfg.train.batch_size if cfg.data.dataset == "shapes" else 1
+        spec = {"name": cfg.model.name, "width": cfg.model.width, "num_outputs": num_outputs(model),
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+        items = ray.data.from_items([{"item": i} for i in range(len(val))])
+        confusions = items.map_batches(
+            _Predictor,
+            fn_constructor_kwargs={"model": spec, "val": val, "num_classes": num_classes,
+                                   "device": "cuda" if self.use_gpu else "cpu",
+                                   "threads": max(1, int(self.cpus_per_actor))},
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(self.num_actors, -(-len(val) // batch_size)))),
+            num_cpus=self.cpus_per_actor,
+            num_gpus=1 if self.use_gpu else 0,
+        )
+        total = np.zeros(num_classes * num_classes, dtype=np.int64)
+        for row in confusions.iter_rows():
+            total += row["confusion"]
+        return torch.from_numpy(total.reshape(num_classes, num_classes))

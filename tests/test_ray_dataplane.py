@@ -1,0 +1,88 @@
+"""The Ray data plane: evaluation on Ray Data actors equals the local one; the driver reads no synthetic shard."""
+
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from conftest import make_bucket, storage_options
+from hrhf.config import load_config
+from hrhf.data import make_source
+from hrhf.data.incremental import StepDataset
+from hrhf.data.transforms import eval_transform
+from hrhf.distributed.evaluation import RayEvaluator
+from hrhf.distributed.synthesis import RaySynthesizer
+from hrhf.distributed.training import RayTrainer
+from hrhf.models import build_model
+from hrhf.pipeline import evaluate_step, run
+from hrhf.shards import ShardStore
+from hrhf.tasks import label_lut, make_task
+
+VOC_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc_mini"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_evaluation_equals_local_evaluation_on_shapes():
+    cfg = load_config("smoke", overrides=["train.batch_size=8", "model.width=4"])
+    task = make_task("shapes", "6-2-2", overlap=True)
+    source = make_source("shapes", "val", image_size=32, size=30, seed=1)
+    val = StepDataset(source, range(len(source)), label_lut(task, 1, "eval"), eval_transform(None))
+    torch.manual_seed(0)
+    model = build_model("small", 9, width=4)
+    model.eval()  # random BatchNorm statistics would make every pixel one class
+    local = evaluate_step(cfg, model, val, 9)
+    distributed = RayEvaluator(num_actors=2, cpus_per_actor=1.0).evaluate(cfg, model, val, 9)
+    assert torch.equal(distributed, local)
+    assert int(local.sum()) == sum(int((val[i][1] != 255).sum()) for i in range(len(val)))
+
+
+@pytest.mark.skipif(not VOC_MINI.exists(), reason="the VOC sample is not beside the repository")
+def test_ray_evaluation_equals_local_evaluation_on_voc_images_of_mixed_sizes():
+    cfg = load_config("smoke", overrides=["data.dataset=voc", "data.protocol=15-5", "model.width=4",
+                                         f"data.root={VOC_MINI}"])
+    task = make_task("voc", "15-5", overlap=True)
+    source = make_source("voc", "val", root=str(VOC_MINI / "VOCdevkit" / "VOC2012"))
+    val = StepDataset(source, range(6), label_lut(task, 0, "eval"), eval_transform(None))
+    torch.manual_seed(0)
+    model = build_model("small", 16, width=4)
+    local = evaluate_step(cfg, model, val, 16)
+    distributed = RayEvaluator(num_actors=2, cpus_per_actor=1.0).evaluate(cfg, model, val, 16)
+    assert torch.equal(distributed, local)
+    assert int(local.sum()) == sum(int((val[i][1] != 255).sum()) for i in range(len(val)))
+
+
+def test_a_run_on_s3_leaves_the_shards_to_the_workers(s3_endpoint, monkeypatch):
+    make_bucket(s3_endpoint, "hrhf-plane")
+    run_dir = "s3://hrhf-plane/run"
+    cfg = load_config("smoke")
+    read_rows = []
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the driver read a whole synthetic shard")
+
+    original = ShardStore.read_rows
+
+    def count_rows(self, shard_id, rows):
+        read_rows.append(len(rows))
+        return original(self, shard_id, rows)
+
+    for name in ("read_shard", "read_all", "read_step"):
+        monkeypatch.setattr(ShardStore, name, refuse)
+    monkeypatch.setattr(ShardStore, "read_rows", count_rows)
+    options = storage_options(s3_endpoint)
+    synthesizer = RaySynthesizer(cfg, num_actors=1, store_uri=f"{run_dir}/synthetic", storage_options=options,
+                                 shard_size=4, log=lambda _m: None)
+    report = run(cfg, run_dir=run_dir, synthesizer=synthesizer,
+                 trainer=RayTrainer(num_workers=2, cpus_per_worker=0.5, log=lambda _m: None),
+                 evaluator=RayEvaluator(num_actors=1), log=lambda _m: None, last_step=1)
+    cells = [len(cfg.inversion.scales) * len(step["seen_classes"][: -len(step["new_classes"])])
+             for step in report["steps"][1:]]
+    assert [s["num_fake"] for s in report["steps"][1:]] == [c * cfg.inversion.images_per_scale for c in cells]
+    assert sum(read_rows) == sum(cells)  # one image per (class, scale) for the galleries, nothing more
