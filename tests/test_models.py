@@ -89,3 +89,30 @@ def test_backbone_weights_mismatch(tmp_path):
 def test_unknown_model():
     with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet9000", 3)
+
+
+def test_deeplabv3_resnet101_widens_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    old = build_model("deeplabv3_resnet101", 5, backbone_weights=None).eval()
+    torch.nn.init.normal_(classifier_layers(old)[0].bias)  # torchvision starts it at zero: give it a real one
+    new = widen_classifier(copy.deepcopy(old), 3, "mib").eval()
+    assert num_outputs(new) == 8
+    x = torch.randn(1, 3, 65, 65)
+    with torch.no_grad():
+        logits_old, logits_new = old(x), new(x)
+    assert logits_new.shape == (1, 8, 65, 65)
+    # old classes keep their logits; background and the new classes all get the old background's, less log 4
+    assert torch.allclose(logits_new[:, 1:5], logits_old[:, 1:5], atol=1e-4)
+    shifted_background = logits_old[:, :1] - torch.log(torch.tensor(4.0))
+    assert torch.allclose(logits_new[:, [0, 5, 6, 7]], shifted_background.expand(-1, 4, -1, -1), atol=1e-4)
+    p_old, p_new = logits_old.softmax(1), logits_new.softmax(1)
+    assert torch.allclose(p_new[:, 1:5], p_old[:, 1:5], atol=1e-5)
+    assert torch.allclose(p_new[:, [0, 5, 6, 7]].sum(1), p_old[:, 0], atol=1e-5)
+
+    path = str(tmp_path / "step-1.pt")
+    save_checkpoint(path, new, model_name="deeplabv3_resnet101", width=32, classes=[[1, 2, 3, 4], [5, 6, 7]],
+                    step=1, config={})
+    loaded, payload = load_checkpoint(path)
+    assert payload["model"] == {"name": "deeplabv3_resnet101", "width": 32, "num_outputs": 8}
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), logits_new)
