@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -222,6 +223,7 @@ def step_job(cfg: Config):
     """Step 1 of the default protocol: real data, a teacher, a widened student and a synthetic set."""
     from hrhf.models import widen_classifier
     from hrhf.pipeline import StepJob, sources_of, step_datasets, step_targets, task_of
+    from hrhf.train import plan_step
 
     task = task_of(cfg)
     real, _ = step_datasets(cfg, task, 1, sources_of(cfg))
@@ -231,7 +233,8 @@ def step_job(cfg: Config):
     with SegInversion(teacher, inv_cfg, cfg.data.image_size) as inverter:
         fake = inverter.invert(step_targets(cfg, task, 1))
     student = widen_classifier(copy.deepcopy(teacher), len(task.new_classes(1)))
-    return StepJob(1, student, teacher, real, fake, len(task.old_classes(1)), 3, cfg.train.lr_step, cfg)
+    plan = dataclasses.replace(plan_step(cfg, 1, n_old=len(task.old_classes(1)), incremental=True), epochs=3)
+    return StepJob(1, student, teacher, real, fake, plan, cfg)
 
 
 def bare_train_rate(job, batch_size: int, fake_size: int, steps: int) -> float:
@@ -255,25 +258,24 @@ def distill_section(quick: bool) -> dict[str, float]:
     import ray
 
     from hrhf.distributed.training import RayTrainer
-    from hrhf.pipeline import step_train_options
-    from hrhf.train import cosine_lr, make_optimizer, mixed_batches, real_loader, train_steps, fake_batch_size
+    from hrhf.train import InMemoryFake, iters_per_epoch, local_real_batches, make_optimizer, mixed_batches, train_steps
+    from hrhf.train import step_lr
 
     cfg = step_config(quick)
     job = step_job(cfg)
-    batch = cfg.train.batch_size
-    fake_size = fake_batch_size(batch, cfg.method.fake_ratio)
-    options = step_train_options(cfg, incremental=True)
+    plan = job.plan
+    batch = plan.batch_size
+    fake_size = plan.fake_per_batch
 
     def local() -> float:
+        """One epoch of the in-process loop (the epoch driver's batches and step), after its loader is built."""
         student = copy.deepcopy(job.student)
-        teacher = job.teacher
-        loader = real_loader(job.real, batch, seed=0, num_workers=cfg.train.num_workers)
-        optimizer = make_optimizer(student, job.lr, cfg.train.weight_decay, options["head_lr_mult"])
-        generator = torch.Generator().manual_seed(0)
-        batches = mixed_batches(loader, job.fake, cfg.method.fake_ratio, generator)
+        iters = iters_per_epoch(len(job.real), batch)
+        optimizer = make_optimizer(student, plan.lr, plan.weight_decay, plan.head_lr_mult)
+        batches = mixed_batches(local_real_batches(job.real, plan, 0, cfg.train.num_workers),
+                                InMemoryFake(job.fake.images), plan, 0, iters)
         start = time.perf_counter()
-        steps, _ = train_steps(student, teacher, batches, optimizer, cosine_lr(job.lr, len(loader)), 0, cfg.method,
-                               job.n_old, "cpu", options["freeze_bn"], options["clip_grad"])
+        steps, _ = train_steps(student, job.teacher, batches, optimizer, step_lr(plan, iters), 0, plan)
         return steps * (batch + fake_size) / (time.perf_counter() - start)
 
     def bare() -> float:

@@ -1,0 +1,140 @@
+"""Same config, same result: all-class mIoU after the last step in process, on Ray with 1 and with N workers.
+
+    python benchmarks/parity.py --json runs/parity.json              # the parity config, a few minutes
+    python benchmarks/parity.py --preset default --json runs/parity-default.json
+    python benchmarks/parity.py --gpu --json runs/parity-gpu.json     # Ray workers on GPUs (NCCL)
+
+Every run trains the same global batches (hrhf.train fixes them by seed, not by worker count); what
+may differ is floating-point summation order, and, with ``--set train.sync_bn=false``, BatchNorm
+statistics taken per worker. Synthesis runs as one shard so that the synthetic images match too.
+Prints a Markdown table; ``--json`` writes ``in_process``, ``ray_1``, ``ray_N`` (percent), ``spread``,
+the per-step figures and the seconds of each run. ``--noise-floor`` adds an in-process run with another
+torch thread count, which changes nothing but the order of float sums: on a small model trained for a
+few epochs that alone can move the final mIoU by points, and no worker count can do better.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hrhf.config import Config, load_config
+from hrhf.pipeline import run
+
+# A config that learns something in about a minute per run on 2 cores (the smoke preset learns nothing).
+PARITY_OVERRIDES = ["data.train_size=480", "train.epochs_base=6", "train.epochs_step=4", "inversion.iterations=20",
+                    "inversion.images_per_scale=2", "model.width=12"]
+
+
+def parity_config(preset: str, overrides: list[str]) -> Config:
+    """The benchmark's config: the parity overrides on the smoke preset, or a preset as it is."""
+    extra = PARITY_OVERRIDES if preset == "parity" else []
+    return load_config("smoke" if preset == "parity" else preset, overrides=[*extra, *overrides])
+
+
+def run_ray(cfg: Config, workers: int, use_gpu: bool, run_dir: str) -> dict:
+    """The pipeline on the connected Ray cluster with ``workers`` train workers (one synthesis shard)."""
+    from hrhf.distributed.evaluation import RayEvaluator
+    from hrhf.distributed.synthesis import RaySynthesizer
+    from hrhf.distributed.training import RayTrainer
+
+    # one shard: the actor inverts the targets in the same batches as the in-process run
+    synthesizer = RaySynthesizer(cfg, num_actors=1, use_gpu=use_gpu, shard_size=1_000_000, log=_quiet)
+    trainer = RayTrainer(num_workers=workers, use_gpu=use_gpu, cpus_per_worker=1.0 if use_gpu else 2.0 / workers,
+                         storage_path=f"{run_dir}/train", log=_quiet)
+    evaluator = RayEvaluator(num_actors=workers, cpus_per_actor=1.0, use_gpu=use_gpu)
+    return run(cfg, synthesizer=synthesizer, trainer=trainer, evaluator=evaluator, log=_quiet)
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def last_all(report: dict) -> float:
+    """All-class mIoU (percent) after the last step."""
+    return 100 * report["steps"][-1]["metrics"]["all"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the three configurations and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="parity", help="'parity' (default: smoke data, a few epochs) or a config preset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--workers", type=int, default=2, help="N of the N-worker run")
+    parser.add_argument("--gpu", action="store_true", help="in-process run on cuda, Ray workers on GPUs")
+    parser.add_argument("--address", default="local", help="Ray address (default: a local Ray started here)")
+    parser.add_argument("--noise-floor", action="store_true",
+                        help="also run in process with another torch thread count: how far float order alone moves the figure")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    cfg = parity_config(args.preset, overrides)
+    results: dict[str, dict] = {}
+    start = begin = time.perf_counter()
+    local = parity_config(args.preset, [*overrides, *(["device=cuda"] if args.gpu else [])])
+    results["in_process"] = {"report": run(local, log=_quiet), "seconds": time.perf_counter() - begin}
+    if args.noise_floor:
+        # the same process and batches with torch's other thread count: only float summation order changes
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if threads > 1 else 2)
+        begin = time.perf_counter()
+        try:
+            results["in_process_other_threads"] = {"report": run(local, log=_quiet),
+                                                   "seconds": time.perf_counter() - begin}
+        finally:
+            torch.set_num_threads(threads)
+
+    import ray
+
+    from hrhf.distributed import quiet_ray_output
+
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    quiet_ray_output()
+    counts = [1, args.workers]
+    if args.gpu:  # NCCL takes one GPU per worker: no N-worker run on a one-GPU machine
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        counts = sorted({1, min(args.workers, gpus)})
+        if len(counts) == 1:
+            print(f"one GPU in the cluster: the {args.workers}-worker run is skipped")
+    try:
+        for workers in counts:
+            begin = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="hrhf-parity-") as run_dir:
+                report = run_ray(cfg, workers, args.gpu, run_dir)
+            results[f"ray_{workers}"] = {"report": report, "seconds": time.perf_counter() - begin}
+    finally:
+        ray.shutdown()
+
+    figures = {name: round(last_all(r["report"]), 2) for name, r in results.items()}
+    compared = [v for name, v in figures.items() if name != "in_process_other_threads"]
+    spread = max(compared) - min(compared)
+    command = "python benchmarks/parity.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"Command: `{command.strip()}` ({time.perf_counter() - start:.0f} s)\n")
+    steps = len(results["in_process"]["report"]["steps"])
+    print("| run | " + " | ".join(f"all after step {s}" for s in range(steps)) + " | seconds |")
+    print("|---|" + "---|" * (steps + 1))
+    for name, r in results.items():
+        per_step = " | ".join(f"{100 * s['metrics']['all']:.2f}" for s in r["report"]["steps"])
+        print(f"| {name.replace('_', ' ')} | {per_step} | {r['seconds']:.0f} |")
+    print(f"\nspread of the last step's all-class mIoU ({', '.join(n for n in figures if 'other' not in n)}): {spread:.2f} points "
+          "(target <= 1)")
+    if "in_process_other_threads" in figures:
+        floor = abs(figures["in_process_other_threads"] - figures["in_process"])
+        print(f"in process with another torch thread count: {floor:.2f} points away (float summation order alone)")
+    if args.json:
+        payload = {**figures, "spread": round(spread, 2),
+                   "per_step": {name: [s["metrics"]["all"] for s in r["report"]["steps"]] for name, r in results.items()},
+                   "seconds": {name: round(r["seconds"], 1) for name, r in results.items()}}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
