@@ -1,9 +1,13 @@
-"""Losses of incremental segmentation: plain / unbiased cross-entropy and output distillation.
+"""Losses of incremental segmentation: plain / unbiased cross-entropy, output distillation, and PLOP's
+entropy-based pseudo-labels and Local POD feature distillation.
 
 Channel convention: index 0 is background, 1..n_old are the old classes, the rest are new.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,3 +74,171 @@ def unbiased_knowledge_distillation(
 def pseudo_labels(labels: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Fill pixels labelled background with the teacher's prediction (which may be an old class)."""
     return torch.where(labels == 0, predicted_classes(teacher), labels)
+
+
+# PLOP (Douillard et al., CVPR 2021): pseudo-labels of the background from the old model, kept where the
+# old model is certain, and Local POD distillation of intermediate feature maps.
+
+
+def _check_teacher_logits(logits: torch.Tensor, n_old: int) -> None:
+    if n_old < 1:
+        raise ValueError(f"PLOP needs at least one old class, got n_old={n_old}")
+    if logits.dim() != 4 or logits.shape[1] != n_old + 1:
+        raise ValueError(f"expected old-model logits of shape (N, {n_old + 1}, H, W), got {tuple(logits.shape)}")
+
+
+def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-pixel entropy of the softmax of (N, C, H, W) logits divided by log C: 0 when one-hot, 1 when uniform."""
+    probs = F.softmax(logits.float(), dim=1)
+    return -torch.special.xlogy(probs, probs).sum(dim=1) / math.log(logits.shape[1])
+
+
+def entropy_thresholds(
+    teacher_logits_batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    n_old: int,
+    quantile: float = 0.5,
+    min_threshold: float = 0.0,
+    max_threshold: float = 1.0,
+    bins: int = 1000,
+) -> torch.Tensor:
+    """PLOP's per-class uncertainty thresholds: shape (n_old + 1,), background first.
+
+    The batches are the old model's (N, n_old + 1, H, W) logits over the step's training images, or
+    (logits, labels) pairs, in which case only pixels labelled background count. The threshold of class c
+    is the ``quantile`` (the median by default) of the normalised entropy of the pixels the old model
+    predicts as c, clamped to [min_threshold, max_threshold]; a class never predicted gets min_threshold.
+    The quantile is read from a histogram of ``bins`` bins over [0, 1], interpolated linearly inside a
+    bin, so memory does not grow with the data set.
+    """
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must lie in [0, 1], got {quantile}")
+    n_channels = n_old + 1
+    histogram: torch.Tensor | None = None
+    for batch in teacher_logits_batches:
+        logits, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        _check_teacher_logits(logits, n_old)
+        uncertainty = normalized_entropy(logits)
+        predicted = predicted_classes(logits)
+        if labels is not None:
+            background = labels == 0
+            uncertainty, predicted = uncertainty[background], predicted[background]
+        bin_index = (uncertainty.flatten() * bins).long().clamp(0, bins - 1)
+        counts = torch.bincount(predicted.flatten() * bins + bin_index, minlength=n_channels * bins)
+        histogram = counts if histogram is None else histogram + counts.to(histogram.device)
+    if histogram is None:
+        raise ValueError("no old-model logits to compute the thresholds from")
+    histogram = histogram.view(n_channels, bins).double()
+    cumulative = histogram.cumsum(dim=1)
+    total = cumulative[:, -1:]
+    # A rank above zero always falls in a bin that holds at least one pixel.
+    rank = (quantile * total).clamp_min(1e-9)
+    bin_index = torch.searchsorted(cumulative, rank).clamp_max(bins - 1)
+    in_bin = histogram.gather(1, bin_index)
+    below = cumulative.gather(1, bin_index) - in_bin
+    value = (bin_index + (rank - below) / in_bin.clamp_min(1.0)) / bins
+    thresholds = torch.where(total > 0, value, torch.zeros_like(value)).squeeze(1).float()
+    return thresholds.clamp(min_threshold, max_threshold)
+
+
+def plop_pseudo_labels(
+    teacher_logits: torch.Tensor, labels: torch.Tensor, n_old: int, thresholds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PLOP's targets and per-image loss weights from the old model's (N, n_old + 1, H, W) logits.
+
+    A pixel labelled background takes the old model's predicted class (background or old) when the
+    normalised entropy of that prediction is below the threshold of the predicted class, and is ignored
+    (255) otherwise; other pixels keep their label. The weight of an image is the share of its
+    background pixels that got a pseudo-label (1 for an image without background); each image's
+    per-pixel cross-entropy is scaled by it.
+    """
+    _check_teacher_logits(teacher_logits, n_old)
+    if thresholds.shape != (n_old + 1,):
+        raise ValueError(f"expected {n_old + 1} thresholds (background first), got shape {tuple(thresholds.shape)}")
+    predicted = predicted_classes(teacher_logits)
+    certain = normalized_entropy(teacher_logits) < thresholds.to(teacher_logits.device)[predicted]
+    background = labels == 0
+    accepted = background & certain
+    targets = torch.where(accepted, predicted, labels)
+    targets = torch.where(background & ~certain, torch.full_like(labels, IGNORE_INDEX), targets)
+    n_background = background.flatten(1).sum(dim=1)
+    n_accepted = accepted.flatten(1).sum(dim=1)
+    share = n_accepted / n_background.clamp_min(1)
+    weights = torch.where(n_background > 0, share, torch.ones_like(share))
+    return targets, weights.float()
+
+
+def fold_new_into_background(student_logits: torch.Tensor, n_old: int) -> torch.Tensor:
+    """The student's logits on the old model's channels: new-class logits are added to the background's.
+
+    Makes (N, n_old + 1 + n_new, H, W) logits comparable with the old model's for Local POD.
+    """
+    background = student_logits[:, :1] + student_logits[:, n_old + 1 :].sum(dim=1, keepdim=True)
+    return torch.cat([background, student_logits[:, 1 : n_old + 1]], dim=1)
+
+
+def local_pod_embedding(
+    features: torch.Tensor, scales: Sequence[int] = (1, 2, 4), normalize: bool = False
+) -> torch.Tensor:
+    """Local POD embedding (N, D) of (N, C, H, W) features.
+
+    At scale s the map is cut into an s x s grid of windows (sides 1/s of the map's; when s does not
+    divide a side, windows differ by one pixel). Each window gives its width-pooled profile (mean over
+    its columns: C x rows values) and its height-pooled profile (mean over its rows: C x columns
+    values); with ``normalize`` each profile is L2-normalised. All profiles are concatenated.
+    """
+    n, _, height, width = features.shape
+    if any(s < 1 or s > min(height, width) for s in scales):
+        raise ValueError(f"scales {list(scales)} must lie in [1, {min(height, width)}] for a {height}x{width} map")
+    profiles = []
+    for s in scales:
+        for rows in features.tensor_split(s, dim=2):
+            for window in rows.tensor_split(s, dim=3):
+                for profile in (window.mean(dim=3), window.mean(dim=2)):
+                    profile = profile.reshape(n, -1)
+                    profiles.append(F.normalize(profile, dim=1) if normalize else profile)
+    return torch.cat(profiles, dim=1)
+
+
+def local_pod(
+    student_features: Sequence[torch.Tensor],
+    teacher_features: Sequence[torch.Tensor],
+    scales: Sequence[int] = (1, 2, 4),
+    layer_weights: Sequence[float] | None = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """PLOP's Local POD loss over matching lists of (N, C, H, W) student and teacher feature maps.
+
+    Per layer, the squared activations are embedded by ``local_pod_embedding``; the layer's loss is the
+    L2 distance between the student's and the teacher's embeddings of each image, averaged over the
+    batch and multiplied by the layer's weight (1 by default). The result is the mean over layers.
+    The teacher's maps are treated as constants.
+    """
+    if len(student_features) != len(teacher_features) or not student_features:
+        raise ValueError(
+            f"need as many student as teacher maps (at least one): {len(student_features)} and {len(teacher_features)}"
+        )
+    weights = [1.0] * len(student_features) if layer_weights is None else list(layer_weights)
+    if len(weights) != len(student_features):
+        raise ValueError(f"{len(weights)} layer weights for {len(student_features)} layers")
+    total = student_features[0].new_zeros(())
+    for student, teacher, weight in zip(student_features, teacher_features, weights):
+        if student.shape != teacher.shape:
+            raise ValueError(f"student map {tuple(student.shape)} does not match teacher map {tuple(teacher.shape)}")
+        student_embedding = local_pod_embedding(student.pow(2), scales, normalize)
+        teacher_embedding = local_pod_embedding(teacher.detach().pow(2), scales, normalize)
+        total = total + weight * (student_embedding - teacher_embedding).norm(dim=1).mean()
+    return total / len(student_features)
+
+
+def plop_layer_weights(
+    num_layers: int, num_outputs: int, num_new: int, feature_weight: float = 0.01, logits_weight: float = 0.0005
+) -> list[float]:
+    """PLOP's Local POD weights for feature maps followed by the logits (the last layer).
+
+    Every weight is scaled by sqrt(num_outputs / num_new): the student's channel count (background
+    included) over the classes new at this step.
+    """
+    if num_layers < 1 or num_new < 1:
+        raise ValueError(f"need at least one layer and one new class, got {num_layers} and {num_new}")
+    schedule = math.sqrt(num_outputs / num_new)
+    return [feature_weight * schedule] * (num_layers - 1) + [logits_weight * schedule]
