@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from hrhf.distributed import quiet_ray_output
+    from hrhf.distributed import normal_worker_priority, quiet_ray_output
+
+    normal_worker_priority()
 
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     quiet_ray_output()

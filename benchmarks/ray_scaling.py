@@ -71,6 +71,9 @@ def synthesis_rates() -> dict[str, float]:
     teacher = build_model(cfg.model.name, 7, cfg.model.width)
     targets = make_targets(list(range(1, 7)), [0.1, 0.4], 8, base_seed=0)
     rates = {}
+    from hrhf.distributed import normal_worker_priority
+
+    normal_worker_priority()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for actors in (1, 2):
@@ -101,6 +104,9 @@ def ddp_step_times() -> dict[str, float]:
     real, _ = step_datasets(cfg, task, 1, sources_of(cfg))
     teacher = build_model(cfg.model.name, 7, cfg.model.width).eval()
     times = {}
+    from hrhf.distributed import normal_worker_priority
+
+    normal_worker_priority()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for workers in (1, 2):

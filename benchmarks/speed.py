@@ -203,6 +203,9 @@ def ray_section(quick: bool) -> dict[str, float]:
         return measure
 
     peak_rss: dict[int, float] = {}
+    from hrhf.distributed import normal_worker_priority
+
+    normal_worker_priority()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         pool(2, targets[:4])()  # warm-up: Ray's worker pool
@@ -295,6 +298,9 @@ def distill_section(quick: bool) -> dict[str, float]:
         bare_1_thread = bare_train_rate(job, batch, fake_size, steps=10 if quick else 20)
     finally:
         torch.set_num_threads(threads)
+    from hrhf.distributed import normal_worker_priority
+
+    normal_worker_priority()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         seconds = {}

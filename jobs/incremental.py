@@ -122,11 +122,12 @@ def connect_ray(args: argparse.Namespace) -> None:
     """Connect to (or start) Ray; ValueError when --gpu asks for GPUs that this cluster can never have."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    from hrhf.distributed import quiet_ray_output
+    from hrhf.distributed import normal_worker_priority, quiet_ray_output
 
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # The job's output holds the job's own lines (its progress events all come from this driver); what
     # Ray's actors, workers and Ray Data print stays in Ray's logs unless --worker-logs asks for it.
+    normal_worker_priority()  # for a Ray started here; a cluster's start commands set it for theirs
     ray.init(address=args.address, log_to_driver=args.worker_logs and not (args.quiet or args.log_format == "json"))
     quiet_ray_output()
     if args.gpu and not ray.cluster_resources().get("GPU"):

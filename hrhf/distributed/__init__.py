@@ -1,7 +1,13 @@
 """The Ray layer: synthesis actors, Ray Train distillation and Tune sweeps over the pure hrhf modules."""
 
 import logging
+import os
 import resource
+
+# Ray starts its workers at nice 15 so that its own control processes stay responsive; on nodes that
+# run this job alone the actors and train workers are the work, and at nice 15 they lose the CPU to
+# any other process (a Ray Train worker then ran at half the speed of the same loop in the driver).
+NORMAL_WORKER_PRIORITY = {"RAY_worker_niceness": "0"}
 
 
 def peak_rss_mb() -> float:
@@ -18,3 +24,9 @@ def quiet_ray_output() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ != "SessionFileHandler":  # the console handler; the session log keeps everything
             handler.setLevel(logging.WARNING)
+
+
+def normal_worker_priority() -> None:
+    """Have a Ray started from this process run its workers at normal priority (must precede ray.init)."""
+    for key, value in NORMAL_WORKER_PRIORITY.items():
+        os.environ.setdefault(key, value)
