@@ -495,3 +495,15 @@ def test_make_source_validates():
         make_source("coco", "train")
     with pytest.raises(ValueError, match="needs a root"):
         make_source("voc", "train")
+
+
+def test_shapes_label_scan_keeps_no_image_and_a_pickled_source_carries_none():
+    import pickle
+
+    source = make_source("shapes", "train", size=50, image_size=32)
+    labels = source.all_labels_present()
+    assert source._cache == {} and labels == [frozenset(int(c) for c in source.render(i)[1].ravel().tolist()) - {0}
+                                               for i in range(50)]
+    image, mask = source.load(3)
+    assert len(source._cache) == 1 and len(pickle.dumps(source)) < 1_000
+    assert torch.equal(pickle.loads(pickle.dumps(source)).load(3)[0], image)

@@ -286,6 +286,19 @@ class ShapesDataset(SegmentationSource):
         img, mask = self._cache[i]
         return torch.from_numpy(img.copy()), torch.from_numpy(mask.copy())
 
+    def load_mask(self, i: int) -> torch.Tensor:
+        """Mask uint8 (H, W) of item i; rendered without keeping the image, so scanning labels holds no pixels."""
+        i = self._check_index(i)
+        if i in self._cache:
+            return torch.from_numpy(self._cache[i][1].copy())
+        return torch.from_numpy(self.render(i)[1])
+
+    def __getstate__(self) -> dict:
+        # The rendered images stay where they were drawn: a copy sent to a worker draws its own.
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
+
     def item_id(self, i: int) -> str:
         """'shapes/<split>/<index>'."""
         return f"shapes/{self.split}/{self._check_index(i)}"

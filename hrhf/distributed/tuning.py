@@ -17,7 +17,6 @@ import tempfile
 from typing import Any
 
 import pyarrow.fs
-import ray
 import torch
 import yaml
 from ray import tune
@@ -26,6 +25,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from hrhf import config as config_lib
 from hrhf.config import Config
+from hrhf.distributed.devices import compute_device
 from hrhf.metrics import summarize
 from hrhf.models import save_checkpoint
 from hrhf.pipeline import LocalTrainer, StepJob, evaluate_step, run, sources_of, step_datasets, task_of
@@ -73,8 +73,10 @@ def base_dict(cfg: Config, base_checkpoint: str) -> dict[str, Any]:
     return data
 
 
-def run_trial(params: dict[str, Any], base_config: dict[str, Any], threads: int = 1) -> None:
+def run_trial(params: dict[str, Any], base_config: dict[str, Any], threads: int = 1, use_gpu: bool = False) -> None:
     """Tune function trainable: step 1 of the protocol from the shared base model, reporting each epoch.
+
+    With ``use_gpu`` the trial computes on the GPU it reserved (``gpus_per_trial``).
 
     A trial restored from its checkpoint has finished its step already: it reports the saved result again
     (a snapshot of the experiment taken before the trial ended may lack it) and trains nothing.
@@ -89,8 +91,7 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], threads: int 
         with open(log_path, "a") as f:
             f.write(tune.get_context().get_trial_id() + "\n")
     cfg = trial_config(base_config, params)
-    if ray.get_gpu_ids():  # the trial reserved a GPU (--gpus-per-trial): compute on it
-        cfg.device = "cuda"
+    cfg.device = compute_device(use_gpu, "trial")
     torch.set_num_threads(threads)
     task = task_of(cfg)
     _, val = step_datasets(cfg, task, 1, sources_of(cfg))
@@ -100,7 +101,7 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], threads: int 
         metrics = summarize(evaluate_step(cfg, job.student, val, task.num_seen(1) + 1), old, new)
         job.student.train()
         result = {"epoch": epoch + 1, "loss": stats["loss"], **{k: metrics[k] for k in ("old", "new", "all", "background")}}
-        if epoch + 1 < job.epochs:
+        if epoch + 1 < job.plan.epochs:
             tune.report(result)
             return
         with tempfile.TemporaryDirectory() as directory:
@@ -133,7 +134,8 @@ def run_config(run_dir: str) -> tune.RunConfig:
 
 def sweep_trainable(cfg: Config, base_checkpoint: str, cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0) -> Any:
     """The trial function with the base config bound and the trial's resources attached."""
-    trainable = tune.with_parameters(run_trial, base_config=base_dict(cfg, base_checkpoint), threads=max(1, int(cpus_per_trial)))
+    trainable = tune.with_parameters(run_trial, base_config=base_dict(cfg, base_checkpoint), threads=max(1, int(cpus_per_trial)),
+                                     use_gpu=gpus_per_trial > 0)
     return tune.with_resources(trainable, {"CPU": cpus_per_trial, "GPU": gpus_per_trial})
 
 
