@@ -22,9 +22,7 @@ import sys
 import ray
 
 from hrhf.cli import add_config_arguments, add_progress_arguments, config_from_args, progress_from_args
-from hrhf.pipeline import run
-from hrhf.storage import RunDir
-from hrhf.storage import absolute_uri
+from hrhf.storage import RunDir, absolute_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         results_table,
         resume_tuner,
         sweep_trainable,
+        train_base,
         trial_config,
         write_results,
     )
@@ -73,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             base_dir.check(cfg)  # the check a rerun of the base training makes: the same config or an error
             progress.event("run", 0, f"found {base}, not retrained")
         else:
-            train_base = ray.remote(num_cpus=args.cpus_per_trial, num_gpus=args.gpus_per_trial)(run)
-            ray.get(train_base.remote(cfg, run_dir=base_dir.uri, log=print, last_step=0))
+            remote = ray.remote(num_cpus=args.cpus_per_trial, num_gpus=args.gpus_per_trial)(train_base)
+            ray.get(remote.remote(cfg, base_dir.uri, use_gpu=args.gpus_per_trial > 0))
     trainable = sweep_trainable(cfg, base, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial)
     if can_resume(run_dir):
         tuner = resume_tuner(run_dir, trainable)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hrhf.config import Config
+from hrhf.distributed.devices import compute_device
 from hrhf.losses import predicted_classes
 from hrhf.metrics import ConfusionMatrix
 from hrhf.models import build_model, num_outputs
@@ -24,8 +25,9 @@ from hrhf.train import collate_items
 class _Predictor:
     """A Ray Data actor holding the model: confusion matrix of each batch of item references."""
 
-    def __init__(self, model: dict, val: Dataset, num_classes: int, device: str, threads: int) -> None:
+    def __init__(self, model: dict, val: Dataset, num_classes: int, use_gpu: bool, threads: int) -> None:
         torch.set_num_threads(threads)
+        device = compute_device(use_gpu, "evaluation")
         self.net = build_model(model["name"], model["num_outputs"], model["width"])
         self.net.load_state_dict(model["state_dict"])
         self.net.to(device).eval()
@@ -58,7 +60,7 @@ class RayEvaluator:
         confusions = items.map_batches(
             _Predictor,
             fn_constructor_kwargs={"model": spec, "val": val, "num_classes": num_classes,
-                                   "device": "cuda" if self.use_gpu else "cpu",
+                                   "use_gpu": self.use_gpu,
                                    "threads": max(1, int(self.cpus_per_actor))},
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=max(1, min(self.num_actors, -(-len(val) // batch_size)))),

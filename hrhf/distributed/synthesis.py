@@ -26,6 +26,7 @@ from torch import nn
 
 from hrhf.config import Config, InversionConfig
 from hrhf.distributed import peak_rss_mb
+from hrhf.distributed.devices import compute_device
 from hrhf.inversion import NonFiniteError, SegInversion, SyntheticSet, Target
 from hrhf.models import build_model, num_outputs
 from hrhf.progress import as_progress
@@ -75,12 +76,12 @@ class SynthesisActor:
     """Holds a SegInversion of the teacher and inverts one shard of targets per call."""
 
     def __init__(
-        self, teacher: dict[str, Any], cfg: InversionConfig, image_size: int, device: str, torch_threads: int
+        self, teacher: dict[str, Any], cfg: InversionConfig, image_size: int, use_gpu: bool, torch_threads: int
     ) -> None:
         torch.set_num_threads(torch_threads)
         model = build_model(teacher["name"], teacher["num_outputs"], teacher["width"])
         model.load_state_dict(teacher["state_dict"])
-        self.inverter = SegInversion(model, cfg, image_size, device)
+        self.inverter = SegInversion(model, cfg, image_size, compute_device(use_gpu, "synthesis"))
 
     @ray.method(num_returns=2)
     def run_shard(
@@ -224,14 +225,13 @@ class RaySynthesizer:
         if not todo:
             return {}
         spec = ray.put(teacher_spec(teacher, self.cfg))
-        device = "cuda" if self.use_gpu else "cpu"
         options = dict(
             num_cpus=self.cpus_per_actor, num_gpus=1 if self.use_gpu else 0, max_restarts=2, max_task_retries=2
         )
 
         def new_actor() -> ray.actor.ActorHandle:
             return SynthesisActor.options(**options).remote(
-                spec, self.cfg.inversion, self.cfg.data.image_size, device, max(1, int(self.cpus_per_actor))
+                spec, self.cfg.inversion, self.cfg.data.image_size, self.use_gpu, max(1, int(self.cpus_per_actor))
             )
 
         actors = [new_actor() for _ in range(min(self.num_actors, len(todo)))]

@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 
 from hrhf.batchnorm import synchronise_batchnorm
 from hrhf.distributed import peak_rss_mb
+from hrhf.distributed.devices import compute_device
 from hrhf.inversion import NonFiniteError, SyntheticSet
 from hrhf.models import build_model, num_outputs
 from hrhf.progress import Log, as_progress
@@ -79,6 +80,7 @@ class WorkerJob:
     threads: int
     sync_bn: bool
     progress: Any = None  # a ray.util.queue.Queue receiving rank 0's per-epoch metrics
+    use_gpu: bool = False  # whether each worker reserves a GPU
 
 
 def real_schedule(num_items: int, plan: StepPlan, world: int) -> list[pa.Table]:
@@ -168,6 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    compute_device(job.use_gpu, "train")  # Ray Train picks the device; this checks and records the worker's request
 
     net = build_model(job.model_name, job.student_outputs, job.width)
     net.load_state_dict(job.student_state)
@@ -287,6 +290,13 @@ class RayTrainer:
             threads=max(1, int(self.cpus_per_worker)),
             sync_bn=job.cfg.train.sync_bn,
             progress=progress,
+            use_gpu=bool(self.scaling_config().use_gpu),
+        )
+
+    def scaling_config(self) -> ray.train.ScalingConfig:
+        """The workers' resources: one CPU share each, and one GPU each with ``use_gpu``."""
+        return ray.train.ScalingConfig(
+            num_workers=self.num_workers, use_gpu=self.use_gpu, resources_per_worker={"CPU": self.cpus_per_worker}
         )
 
     def _check(self, job: StepJob) -> None:
@@ -314,9 +324,7 @@ class RayTrainer:
         trainer = ray.train.torch.TorchTrainer(
             self.train_loop,
             train_loop_config={"job": self.worker_job(job, progress)},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=self.num_workers, use_gpu=self.use_gpu, resources_per_worker={"CPU": self.cpus_per_worker}
-            ),
+            scaling_config=self.scaling_config(),
             run_config=ray.train.RunConfig(
                 name=f"step-{plan.step}",
                 storage_path=storage_path,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import copy
 import json
 import os
 import tempfile
@@ -71,6 +72,13 @@ def base_dict(cfg: Config, base_checkpoint: str) -> dict[str, Any]:
     data = config_lib.to_dict(cfg)
     data["train"]["init_checkpoint"] = base_checkpoint
     return data
+
+
+def train_base(cfg: Config, run_dir: str, use_gpu: bool = False) -> None:
+    """Step 0 of a sweep, in the Ray task that reserved its resources, on its GPU with ``use_gpu``."""
+    cfg = copy.deepcopy(cfg)
+    cfg.device = compute_device(use_gpu, "base")
+    run(cfg, run_dir=run_dir, log=print, last_step=0)
 
 
 def run_trial(params: dict[str, Any], base_config: dict[str, Any], threads: int = 1, use_gpu: bool = False) -> None:
