@@ -350,12 +350,16 @@ class ShardStore:
         return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs))
 
 
-def first_of_each_cell(meta: list[dict]) -> list[int]:
-    """Index of the first image of each (class, scale), in order: the images a gallery shows."""
-    first: dict[tuple[int, float], int] = {}
-    for i, entry in enumerate(meta):
-        first.setdefault((int(entry["class"]), float(entry["scale"])), i)
-    return sorted(first.values())
+def gallery_rows(shard_meta: list[list[dict]]) -> list[tuple[int, list[int]]]:
+    """(shard index, rows within it) of the first image of each (class, scale): the images a gallery shows."""
+    first: dict[tuple[int, float], tuple[int, int]] = {}
+    for shard, meta in enumerate(shard_meta):
+        for row, entry in enumerate(meta):
+            first.setdefault((int(entry["class"]), float(entry["scale"])), (shard, row))
+    rows: dict[int, list[int]] = {}
+    for shard, row in sorted(first.values()):
+        rows.setdefault(shard, []).append(row)
+    return sorted(rows.items())
 
 
 class StoredSynthetic:
@@ -384,11 +388,5 @@ class StoredSynthetic:
 
     def gallery_sample(self) -> SyntheticSet:
         """The first image of each (class, scale), read from the few row groups that hold them."""
-        wanted = set(first_of_each_cell(self.meta))
-        parts, offset = [], 0
-        for shard_id, meta in zip(self.shard_ids, self.shard_meta):
-            rows = [i - offset for i in range(offset, offset + len(meta)) if i in wanted]
-            if rows:
-                parts.append(self.store.read_rows(shard_id, rows))
-            offset += len(meta)
-        return SyntheticSet.concat(parts)
+        return SyntheticSet.concat([self.store.read_rows(self.shard_ids[shard], rows)
+                                    for shard, rows in gallery_rows(self.shard_meta)])

@@ -258,3 +258,15 @@ def test_non_finite_float_images_are_not_written(tmp_path):
     synthetic.images[1, 0, 2, 3] = 0.0
     with pytest.raises(TypeError, match="uint8"):
         to_table(synthetic, "m", 1, "step1-00000")
+
+
+def test_gallery_rows_pick_the_first_image_of_each_class_and_scale_shard_by_shard():
+    from hrhf.shards import gallery_rows
+
+    shard_meta = [
+        [{"class": 1, "scale": 0.1}, {"class": 2, "scale": 0.1}, {"class": 1, "scale": 0.1}],
+        [{"class": 1, "scale": 0.4}, {"class": 2, "scale": 0.1}],
+        [{"class": 2, "scale": 0.4}],
+    ]
+    assert gallery_rows(shard_meta) == [(0, [0, 1]), (1, [0]), (2, [0])]
+    assert gallery_rows([]) == []

@@ -30,7 +30,7 @@ from hrhf.distributed.devices import compute_device
 from hrhf.inversion import NonFiniteError, SegInversion, SyntheticSet, Target
 from hrhf.models import build_model, num_outputs
 from hrhf.progress import as_progress
-from hrhf.shards import NO_MARKER, ShardStore, StoredSynthetic, first_of_each_cell, from_table, make_shards, to_table
+from hrhf.shards import NO_MARKER, ShardStore, StoredSynthetic, from_table, gallery_rows, make_shards, to_table
 from hrhf.storage import write_bytes_atomic
 
 # A directory of files named by shard id, each holding how many more times a worker should exit
@@ -140,14 +140,8 @@ class ObjectStoreSynthetic:
 
     def gallery_sample(self) -> SyntheticSet:
         """The first image of each (class, scale), fetched from the tables that hold them."""
-        wanted = set(first_of_each_cell(self.meta))
-        parts, offset = [], 0
-        for table_ref, meta in zip(self.table_refs, self.shard_meta):
-            rows = [i - offset for i in range(offset, offset + len(meta)) if i in wanted]
-            if rows:
-                parts.append(from_table(ray.get(table_ref).take(rows)))
-            offset += len(meta)
-        return SyntheticSet.concat(parts)
+        return SyntheticSet.concat([from_table(ray.get(self.table_refs[shard]).take(rows))
+                                    for shard, rows in gallery_rows(self.shard_meta)])
 
 
 class RaySynthesizer:
