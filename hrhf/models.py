@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -128,6 +129,28 @@ def _set_classifier(model: nn.Module, old: nn.Conv2d, new: nn.Conv2d) -> None:
 def num_outputs(model: nn.Module) -> int:
     """Number of output channels (background + classes) of a model."""
     return classifier_layers(model)[-1].out_channels
+
+
+@dataclass
+class ModelSpec:
+    """What another process needs to rebuild a model: architecture, width, output count and CPU weights."""
+
+    name: str
+    width: int
+    num_outputs: int
+    state_dict: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module, name: str, width: int) -> ModelSpec:
+        """The spec of ``model``, built as ``build_model(name, ..., width)``."""
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return cls(name=name, width=width, num_outputs=num_outputs(model), state_dict=state)
+
+    def build(self) -> nn.Module:
+        """A new model on the CPU with these weights."""
+        model = build_model(self.name, self.num_outputs, self.width)
+        model.load_state_dict(self.state_dict)
+        return model
 
 
 @torch.no_grad()

@@ -18,19 +18,17 @@ from hrhf.config import Config
 from hrhf.distributed.devices import compute_device
 from hrhf.losses import predicted_classes
 from hrhf.metrics import ConfusionMatrix
-from hrhf.models import build_model, num_outputs
+from hrhf.models import ModelSpec
 from hrhf.train import collate_items
 
 
 class _Predictor:
     """A Ray Data actor holding the model: confusion matrix of each batch of item references."""
 
-    def __init__(self, model: dict, val: Dataset, num_classes: int, use_gpu: bool, threads: int) -> None:
+    def __init__(self, model: ModelSpec, val: Dataset, num_classes: int, use_gpu: bool, threads: int) -> None:
         torch.set_num_threads(threads)
         device = compute_device(use_gpu, "evaluation")
-        self.net = build_model(model["name"], model["num_outputs"], model["width"])
-        self.net.load_state_dict(model["state_dict"])
-        self.net.to(device).eval()
+        self.net = model.build().to(device).eval()
         self.val = val
         self.num_classes = num_classes
         self.device = device
@@ -54,8 +52,7 @@ class RayEvaluator:
     def evaluate(self, cfg: Config, model: nn.Module, val: Dataset, num_classes: int) -> torch.Tensor:
         """Confusion matrix (rows = truth) of ``model`` on ``val``, summed over the actors' batches."""
         batch_size = cfg.train.batch_size if cfg.data.dataset == "shapes" else 1
-        spec = {"name": cfg.model.name, "width": cfg.model.width, "num_outputs": num_outputs(model),
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+        spec = ModelSpec.of(model, cfg.model.name, cfg.model.width)
         items = ray.data.from_items([{"item": i} for i in range(len(val))])
         confusions = items.map_batches(
             _Predictor,

@@ -28,7 +28,7 @@ from hrhf.config import Config, InversionConfig
 from hrhf.distributed import peak_rss_mb
 from hrhf.distributed.devices import compute_device
 from hrhf.inversion import NonFiniteError, SegInversion, SyntheticSet, Target
-from hrhf.models import build_model, num_outputs
+from hrhf.models import ModelSpec
 from hrhf.progress import as_progress
 from hrhf.shards import NO_MARKER, ShardStore, StoredSynthetic, from_table, gallery_rows, make_shards, to_table
 from hrhf.storage import write_bytes_atomic
@@ -49,16 +49,6 @@ def model_id(model: nn.Module) -> str:
     return digest.hexdigest()[:12]
 
 
-def teacher_spec(teacher: nn.Module, cfg: Config) -> dict[str, Any]:
-    """What an actor needs to rebuild the teacher: architecture from the config, weights on CPU."""
-    return {
-        "name": cfg.model.name,
-        "width": cfg.model.width,
-        "num_outputs": num_outputs(teacher),
-        "state_dict": {k: v.detach().cpu() for k, v in teacher.state_dict().items()},
-    }
-
-
 def _inject_fault(shard_id: str) -> None:
     directory = os.environ.get(FAULT_DIR_ENV)
     path = os.path.join(directory, shard_id) if directory else None
@@ -76,12 +66,10 @@ class SynthesisActor:
     """Holds a SegInversion of the teacher and inverts one shard of targets per call."""
 
     def __init__(
-        self, teacher: dict[str, Any], cfg: InversionConfig, image_size: int, use_gpu: bool, torch_threads: int
+        self, teacher: ModelSpec, cfg: InversionConfig, image_size: int, use_gpu: bool, torch_threads: int
     ) -> None:
         torch.set_num_threads(torch_threads)
-        model = build_model(teacher["name"], teacher["num_outputs"], teacher["width"])
-        model.load_state_dict(teacher["state_dict"])
-        self.inverter = SegInversion(model, cfg, image_size, compute_device(use_gpu, "synthesis"))
+        self.inverter = SegInversion(teacher.build(), cfg, image_size, compute_device(use_gpu, "synthesis"))
 
     @ray.method(num_returns=2)
     def run_shard(
@@ -218,7 +206,7 @@ class RaySynthesizer:
     ) -> dict[str, Any]:
         if not todo:
             return {}
-        spec = ray.put(teacher_spec(teacher, self.cfg))
+        spec = ray.put(ModelSpec.of(teacher, self.cfg.model.name, self.cfg.model.width))
         options = dict(
             num_cpus=self.cpus_per_actor, num_gpus=1 if self.use_gpu else 0, max_restarts=2, max_task_retries=2
         )

@@ -38,7 +38,7 @@ from hrhf.batchnorm import synchronise_batchnorm
 from hrhf.distributed import peak_rss_mb
 from hrhf.distributed.devices import compute_device
 from hrhf.inversion import NonFiniteError, SyntheticSet
-from hrhf.models import build_model, num_outputs
+from hrhf.models import ModelSpec
 from hrhf.progress import Log, as_progress
 from hrhf.shards import StoredSynthetic, decode_png, encode_png
 from hrhf.train import (
@@ -68,12 +68,8 @@ class WorkerJob:
     """What every worker of a step needs; the images themselves are read by the workers."""
 
     plan: StepPlan
-    model_name: str
-    width: int
-    student_state: dict[str, torch.Tensor]
-    teacher_state: dict[str, torch.Tensor] | None
-    student_outputs: int
-    teacher_outputs: int | None
+    student: ModelSpec
+    teacher: ModelSpec | None
     real: Dataset  # the step's real training set: sources and transforms, not images
     iters: int  # global batches per epoch
     num_fake: int
@@ -172,14 +168,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     compute_device(job.use_gpu, "train")  # Ray Train picks the device; this checks and records the worker's request
 
-    net = build_model(job.model_name, job.student_outputs, job.width)
-    net.load_state_dict(job.student_state)
+    net = job.student.build()
     if job.sync_bn and world > 1:
         net = synchronise_batchnorm(net, device)
     teacher = None
-    if job.teacher_state is not None:
-        teacher = build_model(job.model_name, job.teacher_outputs, job.width)
-        teacher.load_state_dict(job.teacher_state)
+    if job.teacher is not None:
+        teacher = job.teacher.build()
         teacher.to(device).eval().requires_grad_(False)
     student = ray.train.torch.prepare_model(net)  # wraps the same module: net's parameters are the student's
     optimizer = make_optimizer(net, plan.lr, plan.weight_decay, plan.head_lr_mult)
@@ -209,7 +203,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if job.progress is not None:
                 job.progress.put(metrics)
             state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "iteration": iteration, "num_outputs": job.student_outputs, "history": history}
+                     "iteration": iteration, "num_outputs": job.student.num_outputs, "history": history}
             with tempfile.TemporaryDirectory() as directory:
                 torch.save(state, os.path.join(directory, STATE_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -278,12 +272,8 @@ class RayTrainer:
         plan = job.plan
         return WorkerJob(
             plan=plan,
-            model_name=job.cfg.model.name,
-            width=job.cfg.model.width,
-            student_state=_cpu_state(job.student),
-            teacher_state=None if job.teacher is None else _cpu_state(job.teacher),
-            student_outputs=num_outputs(job.student),
-            teacher_outputs=None if job.teacher is None else num_outputs(job.teacher),
+            student=ModelSpec.of(job.student, job.cfg.model.name, job.cfg.model.width),
+            teacher=None if job.teacher is None else ModelSpec.of(job.teacher, job.cfg.model.name, job.cfg.model.width),
             real=job.real,
             iters=iters_per_epoch(len(job.real), plan.batch_size),
             num_fake=len(job.fake) if _uses_fake(job) else 0,
@@ -378,7 +368,3 @@ class RayTrainer:
 
 def _uses_fake(job: StepJob) -> bool:
     return job.fake is not None and len(job.fake) > 0 and job.plan.method.fake
-
-
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
