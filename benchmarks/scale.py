@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hrhf.distributed import NORMAL_WORKER_PRIORITY  # noqa: E402
+from hrhf.distributed.localcluster import free_port, kill_processes_under, peak_rss_mb, processes_under  # noqa: E402
 from hrhf.train import iters_per_epoch  # noqa: E402
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -56,66 +56,6 @@ JOB_SETTINGS = ("data.protocol=6-2-2", "data.val_size=48", "model.width=8", "tra
                 "train.epochs_step=1", "inversion.images_per_scale=32")
 JOB_RESOURCES = ("--synthesis-actors", "2", "--cpus-per-actor", "0.5", "--train-workers", "2",
                  "--cpus-per-worker", "0.5", "--shard-size", "512")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _parent_pid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def processes_under(directory: str) -> set[int]:
-    """PIDs of the processes whose command line names a path under ``directory``, and of their descendants.
-
-    Every process of a cluster started with `ray start --temp-dir` under that directory names it or
-    descends from one that does (workers are children of the raylet). Linux only: it reads /proc.
-    """
-    needle = os.path.join(directory, "").encode()
-    children: dict[int, list[int]] = {}
-    roots = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            parent = _parent_pid(int(entry.name))
-        except (OSError, IndexError, ValueError):  # the process ended meanwhile
-            continue
-        pid = int(entry.name)
-        children.setdefault(parent, []).append(pid)
-        if needle in cmdline:
-            roots.append(pid)
-    found, todo = set(), roots
-    while todo:
-        pid = todo.pop()
-        if pid not in found and pid != os.getpid():
-            found.add(pid)
-            todo.extend(children.get(pid, []))
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def peak_rss_of(pid: int) -> float | None:
-    """VmHWM of a running process in MiB, or None once it has ended."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 class RayHead:
@@ -143,16 +83,7 @@ class RayHead:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Kill this cluster's processes, and nothing else, then remove its directory."""
-        pids = processes_under(self.directory)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout_s
-        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        left = sorted(pid for pid in pids if _running(pid))
+        left = kill_processes_under(self.directory, timeout_s)
         shutil.rmtree(self.directory, ignore_errors=True)
         if left:
             raise RuntimeError(f"processes of the Ray cluster in {self.directory} still running: {left}")
@@ -185,7 +116,7 @@ class TrainWorkerWatch:
                     continue
                 if b"RayTrainWorker" not in cmdline:
                     continue
-                peak = peak_rss_of(pid)
+                peak = peak_rss_mb(pid)
                 if peak is not None:
                     self.worker_pids.add(pid)
                     self.peak_mb = max(self.peak_mb, peak)

@@ -1,24 +1,18 @@
 """Shared test fixtures: a local S3 endpoint (moto) and free ports."""
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+
+from hrhf.distributed.localcluster import free_port
 
 # The `ray` command of this interpreter's environment, also for Ray's own helpers that call `ray`.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, ROOT, free_port, make_bucket
+from hrhf.distributed.localcluster import is_running, kill_processes_under, processes_under
 
 pytestmark = pytest.mark.slow
 
@@ -20,61 +20,9 @@ pytestmark = pytest.mark.slow
 REPORT_FILES = {"report.json", "report.md", "report.html", "miou_per_step.png", "per_class_iou.png"}
 
 
-def processes_under(directory: str) -> set[int]:
-    """PIDs of the processes whose command line names a path under ``directory``, and of their descendants.
-
-    Every process of a cluster started with `ray start --temp-dir` under that directory names it (GCS,
-    raylet, dashboard, monitors) or descends from one that does (agents and workers are children of
-    the raylet, job drivers of their supervisor actor). Linux only: it reads /proc.
-    """
-    needle = os.path.join(directory, "").encode()
-    children: dict[int, list[int]] = {}
-    roots = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):  # the process ended meanwhile
-            continue
-        pid = int(entry.name)
-        children.setdefault(parent, []).append(pid)
-        if needle in cmdline:
-            roots.append(pid)
-    found, todo = set(), roots
-    while todo:
-        pid = todo.pop()
-        if pid not in found and pid != os.getpid():
-            found.add(pid)
-            todo.extend(children.get(pid, []))
-    return found
-
-
-def _running(pid: int) -> bool:
-    """Whether the process runs (a zombie does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie has ended; only its parent can reap it
-
-
 def stop_cluster(directory: str, timeout_s: float = 30.0) -> None:
-    """Kill the processes of the Ray cluster whose ``--temp-dir`` is under ``directory``, and nothing else.
-
-    `ray stop` cannot be scoped to one cluster in Ray 2.60: it ends every Ray process of the machine.
-    """
-    pids = processes_under(directory)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout_s
-    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = sorted(pid for pid in pids if _running(pid))
+    """Kill the processes of the Ray cluster whose ``--temp-dir`` is under ``directory``, and nothing else."""
+    left = kill_processes_under(directory, timeout_s)
     assert not left, f"processes of the Ray cluster in {directory} still running: {left}"
 
 
@@ -187,7 +135,7 @@ def core_processes(directory: str) -> set[int]:
     return core
 
 
-def test_stopping_a_cluster_leaves_the_others_running(ray_head):
+def test_stopping_a_cluster_leaves_the_othersis_running(ray_head):
     other = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     env = {k: v for k, v in ray_head["env"].items() if k != "RAY_TMPDIR"}
     try:
@@ -201,7 +149,7 @@ def test_stopping_a_cluster_leaves_the_others_running(ray_head):
         assert len(kept) == 2
         stop_cluster(other)
         assert not processes_under(other)
-        assert all(_running(pid) for pid in kept), "stopping one cluster ended the GCS or raylet of another"
+        assert all(is_running(pid) for pid in kept), "stopping one cluster ended the GCS or raylet of another"
     finally:
         stop_cluster(other)
         shutil.rmtree(other, ignore_errors=True)
