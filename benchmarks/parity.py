@@ -61,6 +61,15 @@ def last_all(report: dict) -> float:
     return 100 * report["steps"][-1]["metrics"]["all"]
 
 
+def run_label(name: str) -> str:
+    """The table's name of a run: 'ray_2' is 'Ray, 2 train workers'."""
+    if name.startswith("ray_"):
+        workers = int(name.split("_")[1])
+        return f"Ray, {workers} train worker{'s' if workers > 1 else ''}"
+    return {"in_process": "in process", "in_process_other_threads": "in process, the other torch thread count",
+            "in_process_again": "in process, the same run again"}[name]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the three configurations and print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|" + "---|" * (steps + 1))
     for name, r in results.items():
         per_step = " | ".join(f"{100 * s['metrics']['all']:.2f}" for s in r["report"]["steps"])
-        print(f"| {name.replace('_', ' ')} | {per_step} | {r['seconds']:.0f} |")
+        print(f"| {run_label(name)} | {per_step} | {r['seconds']:.0f} |")
     print(f"\nspread of the last step's all-class mIoU ({', '.join(n for n in figures if n not in noise_runs)}): {spread:.2f} points "
           "(target <= 1)")
     if "in_process_other_threads" in figures:

@@ -212,6 +212,20 @@ def markdown_table(sizes: list[int], results: dict[int, dict[str, Any]], image_s
     return "\n".join(lines)
 
 
+def print_figures(figures: dict[str, Any]) -> None:
+    """The settings, the table and the driver's growth of one run's figures."""
+    small, large = figures["sizes"]
+    results = {size: {key: figures[f"{key}_{size}"] for key in ("driver_peak_mb", "worker_peak_mb", "images_per_s", "wall_s")}
+               for size in (small, large)}
+    settings = " ".join(figures["settings"])
+    print(f"\nshapes at {figures['image_size']} px (--image-size); the same job settings at both sizes: {settings}\n")
+    print(markdown_table([small, large], results, figures["image_size"]))
+    growth = figures["driver_growth"]
+    verdict = "met" if growth < GROWTH_TARGET else "NOT met"
+    print(f"\ndriver_growth = driver_peak_mb_{large} / driver_peak_mb_{small} = {growth:.3f} "
+          f"(target < {GROWTH_TARGET}: {verdict})")
+
+
 def parse_sizes(text: str) -> list[int]:
     """'2000,20000' -> [2000, 20000]: two distinct positive sizes, smaller first."""
     sizes = sorted(int(part) for part in text.split(","))
@@ -229,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed to each driver")
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     parser.add_argument("--keep", default=None, help="keep the run directories and the drivers' output in this folder")
+    parser.add_argument("--table", default=None, metavar="JSON", help="print the table of an earlier run's JSON; run nothing")
     args = parser.parse_args(argv)
+    if args.table:
+        print_figures(json.loads(Path(args.table).read_text()))
+        return 0
 
     start = time.perf_counter()
     results: dict[int, dict[str, Any]] = {}
@@ -260,12 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                    settings=["--preset", "smoke", *JOB_SETTINGS, *JOB_RESOURCES],
                    seconds=time.perf_counter() - start)
 
-    print(f"\nshapes at {args.image_size} px (--image-size); the same job settings at both sizes: --preset smoke "
-          f"{' '.join(JOB_SETTINGS)} {' '.join(JOB_RESOURCES)}\n")
-    print(markdown_table(args.sizes, results, args.image_size))
-    verdict = "met" if growth < GROWTH_TARGET else "NOT met"
-    print(f"\ndriver_growth = driver_peak_mb_{large} / driver_peak_mb_{small} = {growth:.3f} "
-          f"(target < {GROWTH_TARGET}: {verdict})")
+    print_figures(figures)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(figures, indent=2))
