@@ -32,10 +32,10 @@ PARITY_OVERRIDES = ["data.train_size=480", "train.epochs_base=6", "train.epochs_
                     "inversion.images_per_scale=2", "model.width=12"]
 
 
-def parity_config(preset: str, overrides: list[str]) -> Config:
+def parity_config(preset: str, overrides: list[str], method: str | None = None) -> Config:
     """The benchmark's config: the parity overrides on the smoke preset, or a preset as it is."""
     extra = PARITY_OVERRIDES if preset == "parity" else []
-    return load_config("smoke" if preset == "parity" else preset, overrides=[*extra, *overrides])
+    return load_config("smoke" if preset == "parity" else preset, overrides=[*extra, *overrides], method=method)
 
 
 def run_ray(cfg: Config, workers: int, use_gpu: bool, run_dir: str) -> dict:
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="parity", help="'parity' (default: smoke data, a few epochs) or a config preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--workers", type=int, default=2, help="N of the N-worker run")
+    parser.add_argument("--method", default=None, help="a method of hrhf.methods.METHODS (default: the preset's, hrhf)")
+    parser.add_argument("--workers", type=int, default=2, help="N of the N-worker run (1: no N-worker run)")
     parser.add_argument("--gpu", action="store_true", help="in-process run on cuda, Ray workers on GPUs")
     parser.add_argument("--address", default="local", help="Ray address (default: a local Ray started here)")
     parser.add_argument("--noise-floor", action="store_true",
@@ -84,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
-    cfg = parity_config(args.preset, overrides)
+    cfg = parity_config(args.preset, overrides, args.method)
     results: dict[str, dict] = {}
     start = begin = time.perf_counter()
-    local = parity_config(args.preset, [*overrides, *(["device=cuda"] if args.gpu else [])])
+    local = parity_config(args.preset, [*overrides, *(["device=cuda"] if args.gpu else [])], args.method)
     results["in_process"] = {"report": run(local, log=_quiet), "seconds": time.perf_counter() - begin}
     if args.noise_floor and args.gpu:
         # the same run again: CUDA's kernels (atomic adds in convolution backward) do not fix the summation order
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     quiet_ray_output()
-    counts = [1, args.workers]
+    counts = sorted({1, args.workers})
     if args.gpu:  # NCCL takes one GPU per worker: no N-worker run on a one-GPU machine
         gpus = int(ray.cluster_resources().get("GPU", 0))
         counts = sorted({1, min(args.workers, gpus)})

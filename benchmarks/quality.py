@@ -1,4 +1,4 @@
-"""Quality on the procedural benchmark: FT / LwF / MiB / HRHF / joint, mean and spread over seeds.
+"""Quality on the procedural benchmark: FT / LwF / MiB / PLOP / HRHF / joint, mean and spread over seeds.
 
     python benchmarks/quality.py                          # both shapes protocols, seeds 0 1 2
     python benchmarks/quality.py --protocol 6-1 --seed 4 --methods mib,hrhf
@@ -32,7 +32,7 @@ from hrhf.pipeline import run, sources_of, task_of
 from hrhf.report import pct
 from hrhf.tasks import filter_step
 
-ALL_METHODS = ("ft", "lwf", "mib", "hrhf", "joint")
+ALL_METHODS = ("ft", "lwf", "mib", "plop", "hrhf", "joint")
 
 
 def _quiet(_msg: str) -> None:

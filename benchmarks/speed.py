@@ -261,7 +261,7 @@ def distill_section(quick: bool) -> dict[str, float]:
     import ray
 
     from hrhf.distributed.training import RayTrainer
-    from hrhf.train import InMemoryFake, iters_per_epoch, local_real_batches, make_optimizer, mixed_batches, train_steps
+    from hrhf.train import InMemoryFake, iters_per_epoch, real_batches, make_optimizer, mixed_batches, train_steps
     from hrhf.train import step_lr
 
     cfg = step_config(quick)
@@ -275,7 +275,7 @@ def distill_section(quick: bool) -> dict[str, float]:
         student = copy.deepcopy(job.student)
         iters = iters_per_epoch(len(job.real), batch)
         optimizer = make_optimizer(student, plan.lr, plan.weight_decay, plan.head_lr_mult)
-        batches = mixed_batches(local_real_batches(job.real, plan, 0, cfg.train.num_workers),
+        batches = mixed_batches(real_batches(job.real, plan, 0, cfg.train.num_workers),
                                 InMemoryFake(job.fake.images), plan, 0, iters)
         start = time.perf_counter()
         steps, _ = train_steps(student, job.teacher, batches, optimizer, step_lr(plan, iters), 0, plan)

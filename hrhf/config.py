@@ -83,7 +83,7 @@ class MethodConfig:
     """One incremental-learning method as a setting of the shared step loss (see hrhf.methods)."""
 
     name: str = "hrhf"
-    ce: str = "unbiased"  # plain | unbiased | pseudo
+    ce: str = "unbiased"  # plain | unbiased | pseudo | plop (entropy-thresholded pseudo-labels, PLOP)
     kd_real: str = "unbiased"  # none | plain | unbiased
     w_kd_real: float = 10.0
     kd_temperature: float = 1.0
@@ -93,6 +93,10 @@ class MethodConfig:
     w_ce_fake: float = 1.0
     init: str = "mib"  # mib | random: how the widened classifier starts
     joint: bool = False  # offline upper bound: all seen classes labelled, trained from scratch
+    pod: bool = False  # Local POD distillation of the tapped feature maps and the (folded) logits
+    w_pod: float = 1.0  # weight of the Local POD term (its per-layer weights follow PLOP)
+    pod_scales: list[int] = field(default_factory=lambda: [1, 2, 4])  # Local POD grid sides
+    plop_quantile: float = 0.5  # ce=plop: per-class entropy quantile a pseudo-label must fall below
 
 
 @dataclass
@@ -129,7 +133,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
         "lraspp_mobilenet_v3_large",
     ),
     "inversion.aggregation": ("saa", "gap", "gmp"),
-    "method.ce": ("plain", "unbiased", "pseudo"),
+    "method.ce": ("plain", "unbiased", "pseudo", "plop"),
     "method.kd_real": ("none", "plain", "unbiased"),
     "method.init": ("mib", "random"),
 }
@@ -140,7 +144,7 @@ AT_LEAST_ONE = ("train.epochs_base", "train.epochs_step", "train.batch_size", "i
 POSITIVE = ("train.lr_base", "train.lr_step", "train.head_lr_mult", "inversion.lr", "method.kd_temperature")
 NON_NEGATIVE = ("train.weight_decay", "train.clip_grad", "train.num_workers", "inversion.iterations",
                 "inversion.w_bn", "inversion.first_bn_mult", "inversion.w_tv", "inversion.w_l2", "inversion.jitter",
-                "method.w_kd_real", "method.w_fake", "method.w_ce_fake")
+                "method.w_kd_real", "method.w_fake", "method.w_ce_fake", "method.w_pod")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -231,6 +235,10 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"inversion.scales must be non-empty values in (0, 1], got {cfg.inversion.scales}")
     if not 0.0 <= cfg.method.fake_ratio < 1.0:
         raise ValueError(f"method.fake_ratio must be in [0, 1), got {cfg.method.fake_ratio}")
+    if not 0.0 <= cfg.method.plop_quantile <= 1.0:
+        raise ValueError(f"method.plop_quantile must be in [0, 1], got {cfg.method.plop_quantile}")
+    if not cfg.method.pod_scales or any(s < 1 for s in cfg.method.pod_scales):
+        raise ValueError(f"method.pod_scales must be non-empty grid sides >= 1, got {cfg.method.pod_scales}")
     for key in AT_LEAST_ONE:
         if flat[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {flat[key]}")

@@ -93,6 +93,53 @@ def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(probs, probs).sum(dim=1) / math.log(logits.shape[1])
 
 
+def entropy_histogram(
+    teacher_logits_batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]], n_old: int, bins: int = 1000
+) -> torch.Tensor:
+    """Per-class histogram (n_old + 1, bins) of the old model's normalised entropy, by predicted class.
+
+    The batches are as for ``entropy_thresholds``; the counts (int64) are summable across batches and
+    processes, and an empty iterable gives all zeros.
+    """
+    n_channels = n_old + 1
+    histogram = torch.zeros(n_channels * bins, dtype=torch.long)
+    for batch in teacher_logits_batches:
+        logits, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        _check_teacher_logits(logits, n_old)
+        uncertainty = normalized_entropy(logits)
+        predicted = predicted_classes(logits)
+        if labels is not None:
+            background = labels == 0
+            uncertainty, predicted = uncertainty[background], predicted[background]
+        bin_index = (uncertainty.flatten() * bins).long().clamp(0, bins - 1)
+        counts = torch.bincount(predicted.flatten() * bins + bin_index, minlength=n_channels * bins)
+        histogram = histogram.to(counts.device) + counts
+    return histogram.view(n_channels, bins)
+
+
+def histogram_quantiles(
+    histogram: torch.Tensor, quantile: float = 0.5, min_threshold: float = 0.0, max_threshold: float = 1.0
+) -> torch.Tensor:
+    """The ``quantile`` of each row of an ``entropy_histogram``, clamped to [min_threshold, max_threshold].
+
+    Read linearly inside a bin; an empty row gives min_threshold.
+    """
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must lie in [0, 1], got {quantile}")
+    bins = histogram.shape[1]
+    histogram = histogram.double()
+    cumulative = histogram.cumsum(dim=1)
+    total = cumulative[:, -1:]
+    # A rank above zero always falls in a bin that holds at least one pixel.
+    rank = (quantile * total).clamp_min(1e-9)
+    bin_index = torch.searchsorted(cumulative, rank).clamp_max(bins - 1)
+    in_bin = histogram.gather(1, bin_index)
+    below = cumulative.gather(1, bin_index) - in_bin
+    value = (bin_index + (rank - below) / in_bin.clamp_min(1.0)) / bins
+    thresholds = torch.where(total > 0, value, torch.zeros_like(value)).squeeze(1).float()
+    return thresholds.clamp(min_threshold, max_threshold)
+
+
 def entropy_thresholds(
     teacher_logits_batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
     n_old: int,
@@ -107,37 +154,23 @@ def entropy_thresholds(
     (logits, labels) pairs, in which case only pixels labelled background count. The threshold of class c
     is the ``quantile`` (the median by default) of the normalised entropy of the pixels the old model
     predicts as c, clamped to [min_threshold, max_threshold]; a class never predicted gets min_threshold.
-    The quantile is read from a histogram of ``bins`` bins over [0, 1], interpolated linearly inside a
-    bin, so memory does not grow with the data set.
+    The quantile is read from a histogram of ``bins`` bins over [0, 1] (``entropy_histogram``),
+    interpolated linearly inside a bin, so memory does not grow with the data set.
     """
     if not 0.0 <= quantile <= 1.0:
         raise ValueError(f"quantile must lie in [0, 1], got {quantile}")
-    n_channels = n_old + 1
-    histogram: torch.Tensor | None = None
-    for batch in teacher_logits_batches:
-        logits, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        _check_teacher_logits(logits, n_old)
-        uncertainty = normalized_entropy(logits)
-        predicted = predicted_classes(logits)
-        if labels is not None:
-            background = labels == 0
-            uncertainty, predicted = uncertainty[background], predicted[background]
-        bin_index = (uncertainty.flatten() * bins).long().clamp(0, bins - 1)
-        counts = torch.bincount(predicted.flatten() * bins + bin_index, minlength=n_channels * bins)
-        histogram = counts if histogram is None else histogram + counts.to(histogram.device)
-    if histogram is None:
+    seen = 0
+
+    def counted() -> Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        nonlocal seen
+        for batch in teacher_logits_batches:
+            seen += 1
+            yield batch
+
+    histogram = entropy_histogram(counted(), n_old, bins)
+    if not seen:
         raise ValueError("no old-model logits to compute the thresholds from")
-    histogram = histogram.view(n_channels, bins).double()
-    cumulative = histogram.cumsum(dim=1)
-    total = cumulative[:, -1:]
-    # A rank above zero always falls in a bin that holds at least one pixel.
-    rank = (quantile * total).clamp_min(1e-9)
-    bin_index = torch.searchsorted(cumulative, rank).clamp_max(bins - 1)
-    in_bin = histogram.gather(1, bin_index)
-    below = cumulative.gather(1, bin_index) - in_bin
-    value = (bin_index + (rank - below) / in_bin.clamp_min(1.0)) / bins
-    thresholds = torch.where(total > 0, value, torch.zeros_like(value)).squeeze(1).float()
-    return thresholds.clamp(min_threshold, max_threshold)
+    return histogram_quantiles(histogram, quantile, min_threshold, max_threshold)
 
 
 def plop_pseudo_labels(
@@ -165,6 +198,19 @@ def plop_pseudo_labels(
     share = n_accepted / n_background.clamp_min(1)
     weights = torch.where(n_background > 0, share, torch.ones_like(share))
     return targets, weights.float()
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, image_weights: torch.Tensor) -> torch.Tensor:
+    """Pixel-wise cross-entropy with each image's pixels scaled by its weight, averaged over labelled pixels.
+
+    255 is ignored; with all weights 1 this is ``cross_entropy``. Zero (with a graph) when every pixel is ignored.
+    """
+    labelled = labels != IGNORE_INDEX
+    if not bool(labelled.any()):
+        return logits.sum() * 0.0
+    per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    weights = image_weights.to(per_pixel.dtype).view(-1, *[1] * (per_pixel.dim() - 1))
+    return (per_pixel * weights).sum() / labelled.sum()
 
 
 def fold_new_into_background(student_logits: torch.Tensor, n_old: int) -> torch.Tensor:

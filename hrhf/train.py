@@ -19,13 +19,15 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from hrhf.config import Config, MethodConfig
+from hrhf.features import FeatureTap
 from hrhf.inversion import NonFiniteError, SyntheticData, SyntheticSet
-from hrhf.losses import predicted_classes
-from hrhf.methods import needs_teacher_on_real, step_loss
+from hrhf.losses import entropy_histogram, histogram_quantiles, predicted_classes
+from hrhf.methods import PlopInputs, needs_teacher_on_real, needs_thresholds, step_loss
 from hrhf.metrics import ConfusionMatrix
 from hrhf.models import classifier_layers
 from hrhf.pixels import normalize
@@ -203,6 +205,7 @@ def train_steps(
     first_iter: int,
     plan: StepPlan,
     device: str = "cpu",
+    thresholds: torch.Tensor | None = None,
 ) -> tuple[int, dict[str, float]]:
     """Run the shared step loss over ``batches``; returns the next iteration index and mean loss parts.
 
@@ -210,6 +213,8 @@ def train_steps(
     weights), so that neither a shift in the step's data nor the synthetic half moves them.
     ``plan.clip_grad`` > 0 clips the gradient norm, which keeps rare loss spikes from wiping out a step.
     A non-finite loss or gradient raises NonFiniteError before the optimiser steps.
+    ``thresholds`` are PLOP's entropy thresholds of the step (ce == "plop"); with ``method.pod`` the
+    student and the teacher are tapped at their default feature layers for Local POD.
     """
     method = plan.method
     student.train()
@@ -221,47 +226,60 @@ def train_steps(
     count = 0
     it = first_iter
     use_teacher_real = teacher is not None and needs_teacher_on_real(method)
-    for images, labels, fake_images in batches:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(it) * group.get("lr_scale", 1.0)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        n_real = len(images)
-        inputs = images if fake_images is None else torch.cat([images, fake_images.to(device)])
-        outputs = student(inputs)
-        teacher_out = None
-        if teacher is not None and (use_teacher_real or fake_images is not None):
-            with torch.no_grad():
-                teacher_in = inputs if use_teacher_real else inputs[n_real:]
-                teacher_out = teacher(teacher_in)
-                if not use_teacher_real:
-                    teacher_out = torch.cat([teacher_out.new_zeros(n_real, *teacher_out.shape[1:]), teacher_out])
-        loss, parts = step_loss(
-            method,
-            plan.n_old,
-            outputs[:n_real],
-            labels,
-            teacher_real=None if teacher_out is None else teacher_out[:n_real],
-            student_fake=None if fake_images is None else outputs[n_real:],
-            teacher_fake=None if fake_images is None or teacher_out is None else teacher_out[n_real:],
-        )
-        parts["loss"] = float(loss.detach())
-        if not math.isfinite(parts["loss"]):
-            terms = ", ".join(f"{name}={value:.4g}" for name, value in parts.items())
-            raise NonFiniteError(f"iteration {it}: non-finite loss ({terms})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # The norm is computed even without clipping: a non-finite gradient must stop the step, not reach the weights.
-        clip = plan.clip_grad if plan.clip_grad > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip))
-        if not math.isfinite(grad_norm):
-            raise NonFiniteError(f"iteration {it}: non-finite gradient norm (loss {parts['loss']:.4g})")
-        if plan.clip_grad > 0:
-            parts["grad_norm"] = grad_norm
-        optimizer.step()
-        for name, value in parts.items():
-            totals[name] = totals.get(name, 0.0) + value
-        count += 1
-        it += 1
+    use_pod = method.pod and teacher is not None and plan.n_old > 0 and not method.joint
+    taps = (FeatureTap(student), FeatureTap(teacher)) if use_pod else ()
+    try:
+        for images, labels, fake_images in batches:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(it) * group.get("lr_scale", 1.0)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            n_real = len(images)
+            inputs = images if fake_images is None else torch.cat([images, fake_images.to(device)])
+            outputs = student(inputs)
+            teacher_out = None
+            if teacher is not None and (use_teacher_real or fake_images is not None):
+                with torch.no_grad():
+                    teacher_in = inputs if use_teacher_real else inputs[n_real:]
+                    teacher_out = teacher(teacher_in)
+                    if not use_teacher_real:
+                        teacher_out = torch.cat([teacher_out.new_zeros(n_real, *teacher_out.shape[1:]), teacher_out])
+            plop = None
+            if thresholds is not None or taps:
+                student_maps, teacher_maps = [[f[:n_real] for f in tap.features] for tap in taps] if taps else [(), ()]
+                plop = PlopInputs(thresholds=thresholds, student_features=student_maps, teacher_features=teacher_maps)
+            loss, parts = step_loss(
+                method,
+                plan.n_old,
+                outputs[:n_real],
+                labels,
+                teacher_real=None if teacher_out is None else teacher_out[:n_real],
+                student_fake=None if fake_images is None else outputs[n_real:],
+                teacher_fake=None if fake_images is None or teacher_out is None else teacher_out[n_real:],
+                plop=plop,
+            )
+            for tap in taps:
+                tap.clear()
+            parts["loss"] = float(loss.detach())
+            if not math.isfinite(parts["loss"]):
+                terms = ", ".join(f"{name}={value:.4g}" for name, value in parts.items())
+                raise NonFiniteError(f"iteration {it}: non-finite loss ({terms})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # The norm is computed even without clipping: a non-finite gradient must stop the step, not reach the weights.
+            clip = plan.clip_grad if plan.clip_grad > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip))
+            if not math.isfinite(grad_norm):
+                raise NonFiniteError(f"iteration {it}: non-finite gradient norm (loss {parts['loss']:.4g})")
+            if plan.clip_grad > 0:
+                parts["grad_norm"] = grad_norm
+            optimizer.step()
+            for name, value in parts.items():
+                totals[name] = totals.get(name, 0.0) + value
+            count += 1
+            it += 1
+    finally:
+        for tap in taps:
+            tap.remove()
     return it, {name: value / max(count, 1) for name, value in totals.items()}
 
 
@@ -300,29 +318,66 @@ def run_epochs(
     device: str = "cpu",
     start_epoch: int = 0,
     on_epoch: EpochCallback | None = None,
+    threshold_batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]] | None = None,
 ) -> nn.Module:
     """The epoch driver: ``plan.epochs`` passes of the step loss over ``batches_of_epoch(epoch)``.
 
     ``iters`` is the number of global batches per epoch (it fixes the schedule); ``start_epoch`` > 0
     resumes a run whose optimizer state was restored. ``student`` may be a DDP wrapper.
+    Methods with PLOP's pseudo-labels first compute the step's entropy thresholds from the teacher
+    over epoch 0's real batches (also on resume: they depend only on the data and the teacher), read
+    from ``threshold_batches()`` (images, labels, ...) when given, else from ``batches_of_epoch(0)``,
+    which must then give a fresh iterable on every call.
     """
     lr_at = step_lr(plan, iters)
     it = start_epoch * iters
+    thresholds = None
+    if needs_thresholds(plan.method, plan.n_old):
+        if teacher is None:
+            raise ValueError(f"method {plan.method.name!r} needs the old model on step {plan.step}")
+        source = threshold_batches() if threshold_batches is not None else batches_of_epoch(0)
+        thresholds = plop_thresholds(teacher, source, plan.n_old, plan.method.plop_quantile, device)
     for epoch in range(start_epoch, plan.epochs):
         try:
-            it, stats = train_steps(student, teacher, batches_of_epoch(epoch), optimizer, lr_at, it, plan, device)
+            it, stats = train_steps(student, teacher, batches_of_epoch(epoch), optimizer, lr_at, it, plan, device,
+                                    thresholds)
         except NonFiniteError as err:
             raise NonFiniteError(f"epoch {epoch + 1}/{plan.epochs}, {err}") from None
+        if epoch == 0 and thresholds is not None and threshold_batches is None and not stats:
+            raise RuntimeError("epoch 0 gave no batches after the threshold pass read it: batches_of_epoch must "
+                               "give a fresh iterable per call, or pass threshold_batches")
         if on_epoch is not None:
             on_epoch(epoch, it, stats)
     return student
 
 
-def local_real_batches(
-    real: Dataset, plan: StepPlan, epoch: int, num_workers: int = 0
+@torch.no_grad()
+def plop_thresholds(
+    teacher: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], n_old: int, quantile: float, device: str = "cpu"
+) -> torch.Tensor:
+    """PLOP's per-class entropy thresholds (n_old + 1,) from the teacher over (images, labels, ...) batches.
+
+    Under torch.distributed the per-class histograms of all workers are summed, so every worker gets
+    the thresholds of one process over the union of their batches.
+    """
+
+    def logits_and_labels() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, *_ in batches:
+            yield teacher(images.to(device)), labels.to(device)
+
+    histogram = entropy_histogram(logits_and_labels(), n_old).to(device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(histogram)
+    return histogram_quantiles(histogram, quantile)
+
+
+def real_batches(
+    real: Dataset, plan: StepPlan, epoch: int, num_workers: int = 0, rank: int = 0, world: int = 1
 ) -> DataLoader:
-    """The real halves of an epoch's global batches, decoded and augmented by a DataLoader in this process."""
-    batches = [[(epoch, i) for i in batch] for batch in epoch_batches(len(real), plan.batch_size, plan.seed, epoch)]
+    """This process's share of each of an epoch's global real batches, decoded and augmented by a DataLoader here."""
+    global_batches = epoch_batches(len(real), plan.batch_size, plan.seed, epoch)
+    shares = [batch[share(len(batch), rank, world)] for batch in global_batches]
+    batches = [[(epoch, i) for i in items] for items in shares if items]
     return DataLoader(SeededItems(real, plan.seed), batch_sampler=batches, num_workers=num_workers,
                       collate_fn=collate_items)
 
@@ -348,7 +403,7 @@ def fit(
     optimizer = make_optimizer(student, plan.lr, plan.weight_decay, plan.head_lr_mult)
 
     def batches_of_epoch(epoch: int) -> Iterator[Batch]:
-        return mixed_batches(local_real_batches(real, plan, epoch, num_workers), fake_source, plan, epoch, iters)
+        return mixed_batches(real_batches(real, plan, epoch, num_workers), fake_source, plan, epoch, iters)
 
     return run_epochs(student, teacher, plan, batches_of_epoch, iters, optimizer, device, on_epoch=on_epoch)
 

@@ -1,11 +1,39 @@
+import copy
+import dataclasses
+import importlib.util
+import json
+import os
+import tempfile
+
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+import hrhf.train as train_module
+from conftest import ROOT
+from conftest import free_port as _free_port
 from hrhf import losses
+from hrhf.config import load_config
+from hrhf.data import make_source
+from hrhf.data.incremental import StepDataset
+from hrhf.data.transforms import train_transform
 from hrhf.features import FeatureTap, default_layers
-from hrhf.models import SmallSegNet, build_model
+from hrhf.methods import METHODS, PlopInputs, step_loss
+from hrhf.models import SmallSegNet, build_model, widen_classifier
+from hrhf.tasks import label_lut, make_task_from_steps
+from hrhf.train import (
+    collate_items,
+    fit,
+    make_optimizer,
+    mixed_batches,
+    plan_step,
+    plop_thresholds,
+    real_batches,
+    run_epochs,
+    train_steps,
+)
 
 
 # Local POD
@@ -227,3 +255,207 @@ def test_local_pod_on_tapped_features_of_a_copied_student_is_zero():
         assert losses.local_pod(student_tap.features, teacher_tap.features).item() == 0.0
         student(x + 0.5)
         assert losses.local_pod(student_tap.features, teacher_tap.features).item() > 0
+
+
+# PLOP as a method of the step loss
+
+
+def _tiny_step_inputs():
+    """n_old = 2 (channels bg, 1, 2) and 2 new classes; one tapped map per model."""
+    generator = torch.Generator().manual_seed(5)
+    student = torch.randn(2, 5, 8, 8, generator=generator, requires_grad=True)
+    teacher = torch.randn(2, 3, 8, 8, generator=generator) * 3
+    labels = torch.randint(0, 5, (2, 8, 8), generator=generator)
+    labels[labels.eq(1) | labels.eq(2)] = 0  # old classes are unlabelled on an incremental step
+    labels[0, 0, :3] = 255
+    inputs = PlopInputs(
+        thresholds=torch.tensor([0.6, 0.5, 0.7]),
+        student_features=[torch.randn(2, 4, 8, 8, generator=generator)],
+        teacher_features=[torch.randn(2, 4, 8, 8, generator=generator)],
+    )
+    return student, teacher, labels, inputs
+
+
+def test_step_loss_with_plop_equals_hand_built_sum_of_its_terms():
+    student, teacher, labels, inputs = _tiny_step_inputs()
+    method = dataclasses.replace(METHODS["plop"], w_pod=0.5)
+    total, parts = step_loss(method, 2, student, labels, teacher_real=teacher, plop=inputs)
+
+    targets, image_weights = losses.plop_pseudo_labels(teacher, labels, 2, inputs.thresholds)
+    assert 0 < float(image_weights.min()) and float(image_weights.max()) < 1
+    labelled = targets != 255
+    log_probs = torch.log_softmax(student, dim=1)
+    picked = -log_probs.gather(1, targets.clamp_max(4).unsqueeze(1)).squeeze(1)
+    ce = (picked * image_weights.view(2, 1, 1))[labelled].sum() / labelled.sum()
+    folded = torch.cat([student[:, :1] + student[:, 3:].sum(1, keepdim=True), student[:, 1:3]], dim=1)
+    pod = losses.local_pod(
+        [inputs.student_features[0], folded], [inputs.teacher_features[0], teacher], scales=(1, 2, 4),
+        layer_weights=losses.plop_layer_weights(2, num_outputs=5, num_new=2),
+    )
+    assert set(parts) == {"ce_real", "pod"}
+    assert parts["ce_real"] == pytest.approx(float(ce.detach()), rel=1e-6)
+    assert parts["pod"] == pytest.approx(float(pod.detach()), rel=1e-6) and parts["pod"] > 0
+    torch.testing.assert_close(total, ce + 0.5 * pod)
+    total.backward()
+    assert bool(student.grad[:, 3:].abs().sum() > 0)  # new channels get gradient through CE and the folded logits
+
+
+def test_mib_loss_is_unchanged_by_plop_inputs():
+    student, teacher, labels, inputs = _tiny_step_inputs()
+    expected = losses.unbiased_cross_entropy(student, labels, 2) + 10.0 * losses.unbiased_knowledge_distillation(
+        student, teacher, 1.0
+    )
+    for plop in (None, inputs):
+        total, parts = step_loss(METHODS["mib"], 2, student, labels, teacher_real=teacher, plop=plop)
+        assert torch.equal(total, expected)
+        assert set(parts) == {"ce_real", "kd_real"}
+
+
+def test_train_steps_of_mib_sets_no_taps_and_gives_the_hand_built_loss(monkeypatch):
+    real, teacher, student, plan = _step_setup("mib")
+    images, labels = collate_items([real[i] for i in range(4)])
+    reference = copy.deepcopy(student).train()
+    with torch.no_grad():
+        expected, _ = step_loss(plan.method, plan.n_old, reference(images), labels, teacher_real=teacher(images))
+
+    def no_tap(*args, **kwargs):
+        raise AssertionError("mib must not tap feature maps")
+
+    monkeypatch.setattr(train_module, "FeatureTap", no_tap)
+    optimizer = make_optimizer(student, plan.lr, plan.weight_decay, plan.head_lr_mult)
+    _, stats = train_steps(student, teacher, [(images, labels, None)], optimizer, lambda _: plan.lr, 0, plan)
+    assert set(stats) == {"ce_real", "kd_real", "loss", "grad_norm"}
+    assert stats["loss"] == float(expected)
+
+
+def _step_setup(method: str, epochs: int = 1, size: int = 40):
+    """Step 1 of a 3+2 shapes protocol: a random width-4 teacher, its widened (MiB-initialised) copy as student."""
+    task = make_task_from_steps("shapes", [[1, 2, 3], [4, 5]], overlap=True)
+    source = make_source("shapes", "train", image_size=32, size=size, seed=0)
+    real = StepDataset(source, range(len(source)), label_lut(task, 1, "train"), train_transform(32))
+    torch.manual_seed(0)
+    teacher = build_model("small", 4, width=4).requires_grad_(False)
+    # BatchNorm statistics of the data: without them an untrained net's logits are nearly uniform everywhere
+    for module in teacher.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+    with torch.no_grad():
+        teacher(torch.stack([real[i][0] for i in range(len(real))]))
+    teacher.eval()
+    student = widen_classifier(copy.deepcopy(teacher).requires_grad_(True), 2, "mib")
+    cfg = load_config("smoke", method=method, overrides=["train.batch_size=8", f"train.epochs_step={epochs}"])
+    return real, teacher, student, plan_step(cfg, 1, n_old=3, incremental=True)
+
+
+def test_fit_with_plop_trains_on_pseudo_labels_and_local_pod(monkeypatch):
+    torch.set_num_threads(1)
+    real, teacher, student, plan = _step_setup("plop")
+    assert plan.method.ce == "plop" and plan.method.pod and not plan.method.fake and plan.method.init == "mib"
+    given = []
+
+    def spy(*args, plop=None, **kwargs):
+        given.append(plop)
+        return step_loss(*args, plop=plop, **kwargs)
+
+    monkeypatch.setattr(train_module, "step_loss", spy)
+    history = []
+    fit(student, teacher, real, None, plan, on_epoch=lambda epoch, it, stats: history.append((it, stats)))
+    assert len(given) == 5 and given[0].thresholds.shape == (4,)
+    channels = [f.shape[1] for f in given[0].student_features]
+    assert channels == [f.shape[1] for f in given[0].teacher_features] == [4, 8, 16, 16]  # the default layers
+    (iteration, stats), = history
+    assert iteration == 5
+    assert set(stats) == {"ce_real", "pod", "loss", "grad_norm"}
+    assert stats["ce_real"] > 0 and stats["pod"] > 0
+    assert stats["loss"] == pytest.approx(stats["ce_real"] + plan.method.w_pod * stats["pod"], rel=1e-5)
+    assert all(not m._forward_hooks for m in [*student.modules(), *teacher.modules()])
+
+
+def test_thresholds_are_recomputed_from_epoch_zero_on_resume(monkeypatch):
+    real, teacher, student, plan = _step_setup("plop", epochs=2, size=44)  # 44 images: epochs drop different ones
+    seen = []
+
+    def record(student, teacher, batches, optimizer, lr_at, it, plan, device, thresholds):
+        seen.append(thresholds)
+        return it + 5, {"loss": 0.0}
+
+    monkeypatch.setattr(train_module, "train_steps", record)
+    optimizer = make_optimizer(student, plan.lr, plan.weight_decay)
+
+    def batches_of_epoch(epoch):
+        return mixed_batches(real_batches(real, plan, epoch), None, plan, epoch, 5)
+
+    run_epochs(student, teacher, plan, batches_of_epoch, 5, optimizer)
+    run_epochs(student, teacher, plan, batches_of_epoch, 5, optimizer, start_epoch=1)
+    assert len(seen) == 3 and seen[0] is not None
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[0], seen[2])
+    from_epoch_one = plop_thresholds(teacher, batches_of_epoch(1), 3, plan.method.plop_quantile)
+    assert not torch.equal(seen[0], from_epoch_one)
+
+    # a single-pass stream read by the threshold pass leaves epoch 0 empty: that must not pass silently
+    monkeypatch.setattr(train_module, "train_steps", lambda *args: (args[5], {}))
+    stream = batches_of_epoch(0)
+    with pytest.raises(RuntimeError, match="fresh iterable"):
+        run_epochs(student, teacher, plan, lambda epoch: stream, 5, optimizer)
+
+
+def _threshold_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        real, teacher, _, plan = _step_setup("plop")
+        batches = real_batches(real, plan, 0, rank=rank, world=2)
+        thresholds = plop_thresholds(teacher, batches, 3, plan.method.plop_quantile)
+        alone = losses.histogram_quantiles(
+            losses.entropy_histogram(((teacher(x), y) for x, y in real_batches(real, plan, 0, rank=rank, world=2)), 3),
+            plan.method.plop_quantile,
+        )
+        torch.save({"thresholds": thresholds, "alone": alone}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_thresholds_of_two_gloo_workers_equal_one_process_on_all_batches(tmp_path):
+    torch.set_num_threads(1)
+    mp.start_processes(_threshold_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    real, teacher, _, plan = _step_setup("plop")
+    single = plop_thresholds(teacher, real_batches(real, plan, 0), 3, plan.method.plop_quantile)
+    assert torch.equal(ranks[0]["thresholds"], ranks[1]["thresholds"])
+    # the workers run the teacher on half batches: float rounding may move a pixel by one histogram bin
+    torch.testing.assert_close(ranks[0]["thresholds"], single, rtol=0, atol=1e-3)
+    assert not torch.allclose(ranks[0]["alone"], single, rtol=0, atol=1e-3)  # each half alone differs
+
+
+def test_plop_method_preset_and_config_validation():
+    cfg = load_config("smoke", method="plop")
+    assert (cfg.method.name, cfg.method.ce, cfg.method.kd_real, cfg.method.pod) == ("plop", "plop", "none", True)
+    assert cfg.method.pod_scales == [1, 2, 4] and cfg.method.plop_quantile == 0.5
+    assert load_config("smoke", overrides=["method.ce=plop", "method.pod=true"]).method.ce == "plop"
+    for override, message in [
+        ("method.plop_quantile=1.5", r"method\.plop_quantile must be in \[0, 1\]"),
+        ("method.pod_scales=[]", r"method\.pod_scales must be"),
+        ("method.pod_scales=[1, 0]", r"method\.pod_scales must be"),
+        ("method.w_pod=-1", r"method\.w_pod must be"),
+        ("method.ce=plopp", "is not one of"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_config("smoke", method="plop", overrides=[override])
+
+
+@pytest.mark.slow
+def test_plop_on_one_ray_worker_gives_the_in_process_result():
+    """The worker's threshold pass reads its own share of epoch 0, as the in-process pass reads the whole epoch."""
+    spec = importlib.util.spec_from_file_location("parity", ROOT / "benchmarks" / "parity.py")
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)
+    figures = {}
+    with tempfile.TemporaryDirectory() as directory:
+        out = os.path.join(directory, "parity.json")
+        assert parity.main(["--preset", "smoke", "--method", "plop", "--workers", "1", "--json", out]) == 0
+        with open(out) as f:
+            figures = json.load(f)
+    assert set(figures["per_step"]) == {"in_process", "ray_1"}
+    for ours, theirs in zip(figures["per_step"]["in_process"], figures["per_step"]["ray_1"], strict=True):
+        assert abs(ours - theirs) < 0.005

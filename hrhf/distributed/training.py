@@ -50,6 +50,7 @@ from hrhf.train import (
     iters_per_epoch,
     make_optimizer,
     mixed_batches,
+    real_batches,
     run_epochs,
     share,
 )
@@ -212,7 +213,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         epoch_start = time.perf_counter()
 
     try:
-        run_epochs(student, teacher, plan, batches_of_epoch, job.iters, optimizer, str(device), start_epoch, on_epoch)
+        run_epochs(student, teacher, plan, batches_of_epoch, job.iters, optimizer, str(device), start_epoch, on_epoch,
+                   threshold_batches=lambda: real_batches(job.real, plan, 0, rank=rank, world=world))
     except NonFiniteError as err:
         raise NonFiniteError(f"step {plan.step}, rank {rank}, {err}") from None
 
