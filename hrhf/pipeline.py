@@ -11,7 +11,7 @@ import contextlib
 import copy
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,6 +26,7 @@ from hrhf.data.transforms import eval_transform, train_transform
 from hrhf.inversion import NonFiniteError, SegInversion, SyntheticData, SyntheticSet, Target, make_targets
 from hrhf.metrics import summarize
 from hrhf.lease import RunLease
+from hrhf.methods import METHODS
 from hrhf.models import build_model, check_architecture, load_checkpoint, save_checkpoint, widen_classifier
 from hrhf.plots import gallery_png
 from hrhf.progress import Log, Progress, as_progress
@@ -34,6 +35,8 @@ from hrhf.storage import RunDir
 from hrhf.tasks import Task, make_task
 from hrhf.train import StepJob, evaluate, fit, plan_step
 
+REFERENCES_DIR = "references"  # inside a run directory: one folder per reference method
+BASE_CHECKPOINT = "step-0.pt"  # the step-0 model every incremental method starts from
 
 
 class Synthesizer(Protocol):
@@ -187,15 +190,21 @@ def check_source(source: Dataset, threads: int = 8) -> None:
             pass
 
 
-def preflight(cfg: Config, run_dir: str | None, check_data: bool = True) -> Task:
-    """Every check that can fail before work starts: config, run directory, base checkpoint, data; writes nothing.
+def preflight(cfg: Config, run_dir: str | None, check_data: bool = True, references: Sequence[str] = ()) -> Task:
+    """Every check that can fail before work starts: config, run directory, base checkpoint, data, references.
 
     Raises ValueError / FileNotFoundError / OSError with a message naming the culprit. ``check_data``
-    decodes every real image and mask once (the procedural dataset needs no check).
+    decodes every real image and mask once (the procedural dataset needs no check). Each reference
+    method must be valid for the run (``check_references``) and its folder in the run directory must
+    hold its own config, if any. Writes nothing.
     """
     config_lib.validate(cfg)
     task = task_of(cfg)
     RunDir(run_dir).check(cfg)
+    for name in check_references(cfg, references):
+        if run_dir is None:
+            raise ValueError("reference methods need a run directory")
+        RunDir(reference_dir(run_dir, name)).check(reference_config(cfg, name))
     if cfg.train.init_checkpoint and not cfg.method.joint:
         _, payload = load_checkpoint(cfg.train.init_checkpoint)
         _check_checkpoint(payload, cfg, task, 0, cfg.train.init_checkpoint)
@@ -230,12 +239,112 @@ def run(
     config_lib.validate(cfg)
     if first_step and not cfg.method.joint:
         raise ValueError("only joint training can skip steps: every other method starts from the previous model")
-    with contextlib.ExitStack() as stack:
-        if run_dir is not None and lease is None:
-            lease = stack.enter_context(RunLease(run_dir).acquire())
+    with _leased(run_dir, lease) as held:
         workers = Workers(synthesizer or LocalSynthesizer(cfg, log), trainer or LocalTrainer(log),
                           evaluator or LocalEvaluator())
-        return _run_steps(cfg, RunDir(run_dir), workers, as_progress(log), first_step, last_step, lease)
+        return _run_steps(cfg, RunDir(run_dir), workers, as_progress(log), first_step, last_step, held)
+
+
+@contextlib.contextmanager
+def _leased(run_dir: str | None, lease: RunLease | None) -> Iterator[RunLease | None]:
+    """``lease`` itself, or a lease of ``run_dir`` taken for the block (none without a run directory)."""
+    if run_dir is None or lease is not None:
+        yield lease
+        return
+    with RunLease(run_dir).acquire() as taken:
+        yield taken
+
+
+def reference_dir(run_dir: str, name: str) -> str:
+    """Where reference method ``name`` keeps its steps: ``references/<name>`` inside the run directory."""
+    return f"{run_dir.rstrip('/')}/{REFERENCES_DIR}/{name}"
+
+
+def reference_config(cfg: Config, name: str) -> Config:
+    """The config of reference method ``name`` beside a run of ``cfg``: that method's preset, all else the run's."""
+    ref_cfg = copy.deepcopy(cfg)
+    ref_cfg.method = copy.deepcopy(METHODS[name])
+    return config_lib.validate(ref_cfg)
+
+
+def check_references(cfg: Config, names: Sequence[str]) -> list[str]:
+    """The reference methods, each once and in order; ValueError for an unknown one, the run's own, or a joint run."""
+    unique = list(dict.fromkeys(names))
+    unknown = [name for name in unique if name not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown reference method {', '.join(map(repr, unknown))}; methods: {', '.join(METHODS)}")
+    if cfg.method.name in unique:
+        raise ValueError(f"reference {cfg.method.name!r} is the run's own method")
+    if unique and cfg.method.joint:
+        raise ValueError("a joint run has no incremental step-0 model for reference methods to start from")
+    return unique
+
+
+def run_reference(
+    cfg: Config,
+    name: str,
+    run_dir: str,
+    synthesizer: Synthesizer | None = None,
+    trainer: Trainer | None = None,
+    evaluator: Evaluator | None = None,
+    log: Log = print,
+    lease: RunLease | None = None,
+) -> list[dict[str, Any]]:
+    """Run reference method ``name`` beside the run of ``cfg`` in ``run_dir``; return its step results.
+
+    An incremental reference starts from the run's step-0 model (``run_dir``/step-0.pt, which must
+    exist; step 0 is not trained again) and keeps its steps under ``references/<name>`` as a run of
+    its own, so a rerun resumes it. Joint training, the upper bound trained from scratch, runs the last
+    step only. ``synthesizer``, ``trainer`` and ``evaluator`` default to this process, as in ``run``.
+    """
+    check_references(cfg, [name])
+    ref_cfg = reference_config(cfg, name)
+    progress = as_progress(log)
+    with _leased(run_dir, lease) as held:
+        rundir = RunDir(reference_dir(run_dir, name))
+        if ref_cfg.method.joint:
+            first_step = task_of(cfg).num_steps - 1
+            progress.event("reference", None, f"{name}: last step trained from scratch, in {rundir.uri}")
+        else:
+            first_step = 0
+            _share_base_model(RunDir(run_dir), rundir, progress)
+            progress.event("reference", None, f"{name}: from the run's step-0 model, in {rundir.uri}")
+        workers = Workers(synthesizer or LocalSynthesizer(ref_cfg, log), trainer or LocalTrainer(log),
+                          evaluator or LocalEvaluator())
+        return _run_steps(ref_cfg, rundir, workers, progress, first_step, None, held)["steps"]
+
+
+def _share_base_model(run: RunDir, reference: RunDir, progress: Progress) -> None:
+    """Make the reference's step-0.pt a byte copy of the run's; a reference of another step-0 model starts over."""
+    if not run.exists(BASE_CHECKPOINT):
+        raise ValueError(f"{run.path(BASE_CHECKPOINT)} not found: a reference starts from the run's step-0 model")
+    base = run.read_bytes(BASE_CHECKPOINT)
+    if reference.exists(BASE_CHECKPOINT) and reference.read_bytes(BASE_CHECKPOINT) == base:
+        return
+    if reference.fs.glob(reference.path("step-*.pt")):  # the run's step 0 was recomputed since: all here is stale
+        reference.fs.rm(reference.uri, recursive=True)
+        progress.event("reference", 0, f"{reference.uri} was not made from the run's step-0 model; starting it over",
+                       level="warning")
+    reference.write_bytes(BASE_CHECKPOINT, base)
+
+
+def add_references(
+    report: Mapping[str, Any],
+    run_dir: str | None,
+    references: Mapping[str, Sequence[Mapping[str, Any]]],
+    log: Log = print,
+    lease: RunLease | None = None,
+) -> dict[str, Any]:
+    """The run's report with ``references`` ({method: step results}) beside it, rewritten to the run directory."""
+    report = {**report, "references": {name: list(steps) for name, steps in references.items()}}
+    rundir = RunDir(run_dir)
+    if rundir.uri is not None:
+        if lease is not None:
+            lease.check()
+        written = write_report(rundir, report)
+        as_progress(log).event("report", None, f"{', '.join(written)} written to {rundir.uri}, with references "
+                               f"{', '.join(references)}")
+    return report
 
 
 def _load_finished_step(rundir: RunDir, step: int, task: Task, cfg: Config, progress: Progress) -> tuple[nn.Module, dict] | None:

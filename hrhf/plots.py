@@ -21,6 +21,7 @@ from hrhf.inversion import SyntheticSet
 
 DPI = 100
 SERIES = (("old", "#1f77b4"), ("new", "#d62728"), ("all", "#2ca02c"), ("background", "#7f7f7f"))
+REFERENCE_COLORS = ("#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#17becf")  # none of SERIES' colours
 
 # Gallery layout in pixels.
 LABEL_WIDTH = 120
@@ -62,10 +63,11 @@ def miou_per_step_png(report: Mapping[str, Any], references: Mapping[str, Sequen
         y = [100 * _value(s["metrics"].get(key)) for s in steps]
         style = {"linestyle": ":", "linewidth": 1.2} if key == "background" else {"linewidth": 2}
         ax.plot(x, y, marker="o", color=color, label=f"{report['method']} {key}", **style)
-    for name, ref_steps in (references or {}).items():
+    for i, (name, ref_steps) in enumerate((references or {}).items()):
         xs = [s["step"] for s in ref_steps]
-        ax.plot(xs, [100 * _value(s["metrics"].get("all")) for s in ref_steps], marker=".", linestyle="--",
-                linewidth=1, label=f"{name} all")
+        ax.plot(xs, [100 * _value(s["metrics"].get("all")) for s in ref_steps], marker="s", markersize=4,
+                linestyle="--", linewidth=1.2, color=REFERENCE_COLORS[i % len(REFERENCE_COLORS)],
+                label=f"{name} all (reference)")
     ax.set_xticks(sorted(set(x) | {s["step"] for r in (references or {}).values() for s in r}))
     ax.set_xlabel("step")
     ax.set_ylabel("mIoU (%)")

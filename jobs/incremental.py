@@ -5,6 +5,9 @@
     python jobs/incremental.py --in-process        # the same pipeline without Ray
 
 Re-running with the same --run-dir resumes: finished steps and synthetic shards are not recomputed.
+``--reference mib,ft`` also runs those methods in the same job, from the run's step-0 model (joint
+training: its last step, from scratch), each under references/<name>/ of the run directory, and shows
+them beside the run in the report.
 The run directory ends with report.json, report.md, report.html (self-contained), the plots
 miou_per_step.png and per_class_iou.png, and a gallery-step-N.png of each step's synthetic images.
 Progress goes to stdout as text or, with --log-format json, as one JSON object per line.
@@ -17,12 +20,14 @@ import os
 import signal
 import sys
 import traceback
+from typing import Any
 
 from hrhf.cli import add_config_arguments, add_progress_arguments, config_from_args, progress_from_args
 from hrhf.config import Config
 from hrhf.inversion import NonFiniteError
 from hrhf.lease import STALE_AFTER_S, LeaseHeldError, RunLease
-from hrhf.pipeline import preflight, run
+from hrhf.pipeline import (add_references, check_references, preflight, reference_config, reference_dir, run,
+                           run_reference)
 from hrhf.progress import Progress
 from hrhf.report import markdown_report
 from hrhf.storage import absolute_uri, is_local
@@ -56,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the local --run-dir is on a file system that every node of the cluster mounts (NFS, EFS, ...)")
     parser.add_argument("--skip-data-check", action="store_true",
                         help="do not decode every real image and mask before step 0 (they are then checked when used)")
+    parser.add_argument("--reference", action="append", default=[], metavar="METHOD[,METHOD...]",
+                        help="also run METHOD from this run's step-0 model (joint: last step from scratch) and show "
+                             "it beside the run in the report; repeatable")
     return add_progress_arguments(parser)
 
 
@@ -75,6 +83,11 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError("--gpu with --in-process needs CUDA, and torch finds no CUDA device on this machine")
 
 
+def reference_names(args: argparse.Namespace) -> list[str]:
+    """The --reference methods as given: repeated flags and comma-separated lists, in order."""
+    return [name.strip() for value in args.reference for name in value.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Check everything, then run every step and print the Markdown report (or its JSON record)."""
     parser = build_parser()
@@ -86,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         if args.gpu and args.in_process:
             cfg.device = "cuda"  # on Ray only the actors and train workers use GPUs; the driver may have none
+        references = check_references(cfg, reference_names(args))
         run_dir = absolute_uri(args.run_dir)
-        preflight(cfg, run_dir, check_data=not args.skip_data_check)
+        preflight(cfg, run_dir, check_data=not args.skip_data_check, references=references)
         lease = RunLease(run_dir, stale_after_s=args.lease_timeout).acquire(takeover=args.take_over_lease)
     except (ValueError, FileNotFoundError, OSError, LeaseHeldError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -103,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {err}", file=sys.stderr)
                 return 2
         try:
-            if args.in_process:
-                report = run(cfg, run_dir=run_dir, log=progress, lease=lease)
-            else:
-                report = run_on_ray(cfg, run_dir, args, progress, lease)
+            report = run_all(cfg, run_dir, references, args, progress, lease)
         except (NonFiniteError, LeaseHeldError, OSError) as err:  # OSError: disk full, storage gone, ...
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -116,6 +127,24 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     progress.final(report, markdown_report(report))
     return 0
+
+
+def run_all(cfg: Config, run_dir: str, references: list[str], args: argparse.Namespace, progress: Progress,
+            lease: RunLease) -> dict[str, Any]:
+    """Every step of the run, then of each reference method; the run's report with the references beside it."""
+    report = run(cfg, run_dir=run_dir, log=progress, lease=lease, **workers_of(cfg, run_dir, args, progress))
+    if not references:
+        return report
+    results = {}
+    for name in references:
+        ref_workers = workers_of(reference_config(cfg, name), reference_dir(run_dir, name), args, progress)
+        results[name] = run_reference(cfg, name, run_dir, log=progress, lease=lease, **ref_workers)
+    return add_references(report, run_dir, results, log=progress, lease=lease)
+
+
+def workers_of(cfg: Config, run_dir: str, args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    """The synthesizer, trainer and evaluator of a run: none with --in-process (the pipeline's own), else Ray's."""
+    return {} if args.in_process else ray_workers(cfg, run_dir, args, progress)
 
 
 def connect_ray(args: argparse.Namespace) -> None:
@@ -172,8 +201,8 @@ def probe_storage(args: argparse.Namespace, run_dir: str) -> None:
                                   timeout_s=PROBE_TIMEOUT_S)
 
 
-def run_on_ray(cfg: Config, run_dir: str, args: argparse.Namespace, progress: Progress, lease: RunLease) -> dict:
-    """The pipeline with Ray actors for synthesis and Ray Train for distillation."""
+def ray_workers(cfg: Config, run_dir: str, args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    """Ray actors for synthesis, Ray Train for distillation, Ray Data for evaluation; shards and train state in ``run_dir``."""
     from hrhf.distributed.evaluation import RayEvaluator
     from hrhf.distributed.synthesis import RaySynthesizer
     from hrhf.distributed.training import RayTrainer
@@ -199,8 +228,7 @@ def run_on_ray(cfg: Config, run_dir: str, args: argparse.Namespace, progress: Pr
         log=progress,
     )
     evaluator = RayEvaluator(num_actors=args.train_workers, cpus_per_actor=args.cpus_per_worker, use_gpu=args.gpu)
-    return run(cfg, run_dir=run_dir, synthesizer=synthesizer, trainer=trainer, evaluator=evaluator, log=progress,
-               lease=lease)
+    return {"synthesizer": synthesizer, "trainer": trainer, "evaluator": evaluator}
 
 
 if __name__ == "__main__":

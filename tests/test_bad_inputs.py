@@ -142,3 +142,16 @@ def test_corrupt_init_checkpoint(tmp_path, capsys):
     checkpoint = tmp_path / "base.pt"
     checkpoint.write_bytes(b"PK\x03\x04 not really a zip")
     assert "not a readable checkpoint" in refused(capsys, tmp_path / "run", "--set", f"train.init_checkpoint={checkpoint}")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--reference", "mibb"], "unknown reference method 'mibb'"),
+        (["--reference", "ft,", "--reference", "lwf"], "unknown reference method ''"),
+        (["--method", "mib", "--reference", "ft,mib"], "reference 'mib' is the run's own method"),
+        (["--method", "joint", "--reference", "mib"], "a joint run has no incremental step-0 model"),
+    ],
+)
+def test_bad_reference(tmp_path, capsys, args, message):
+    assert message in refused(capsys, tmp_path / "run", *args)
