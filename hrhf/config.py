@@ -69,6 +69,11 @@ class InversionConfig:
     scales: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4, 0.6])
     images_per_scale: int = 4  # seeds per (class, scale) target
     aggregation: str = "saa"  # saa | gap | gmp
+    # uniform: images_per_scale for every old class; coverage: the same budget, shifted to the old classes
+    # the old model sees in fewer than coverage_target of the step's real images (hrhf.inversion.allocate_images)
+    allocation: str = "uniform"
+    coverage_target: float = 0.2
+    coverage_min_pixels: float = 0.01  # share of an image's pixels the old model must give a class to see it
     w_bn: float = 0.05
     first_bn_mult: float = 10.0
     w_tv: float = 1e-4
@@ -133,6 +138,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
         "lraspp_mobilenet_v3_large",
     ),
     "inversion.aggregation": ("saa", "gap", "gmp"),
+    "inversion.allocation": ("uniform", "coverage"),
     "method.ce": ("plain", "unbiased", "pseudo", "plop"),
     "method.kd_real": ("none", "plain", "unbiased"),
     "method.init": ("mib", "random"),
@@ -233,6 +239,9 @@ def validate(cfg: Config) -> Config:
             raise ValueError(f"{key}={flat[key]!r} is not one of {', '.join(allowed)}")
     if not cfg.inversion.scales or any(not 0.0 < r <= 1.0 for r in cfg.inversion.scales):
         raise ValueError(f"inversion.scales must be non-empty values in (0, 1], got {cfg.inversion.scales}")
+    for key in ("inversion.coverage_target", "inversion.coverage_min_pixels"):
+        if not 0.0 < flat[key] <= 1.0:
+            raise ValueError(f"{key} must be in (0, 1], got {flat[key]}")
     if not 0.0 <= cfg.method.fake_ratio < 1.0:
         raise ValueError(f"method.fake_ratio must be in [0, 1), got {cfg.method.fake_ratio}")
     if not 0.0 <= cfg.method.plop_quantile <= 1.0:

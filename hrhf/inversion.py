@@ -35,15 +35,56 @@ class Target:
     seed: int
 
 
-def make_targets(classes: Sequence[int], scales: Sequence[float], images_per_scale: int, base_seed: int) -> list[Target]:
-    """The product classes x scales x seeds, interleaved so that any run of targets mixes classes and scales."""
+def make_targets(
+    classes: Sequence[int], scales: Sequence[float], images_per_scale: int | Sequence[int], base_seed: int
+) -> list[Target]:
+    """The product classes x scales x seeds, interleaved so that any run of targets mixes classes and scales.
+
+    ``images_per_scale`` is one count for every class, or one count per class (``allocate_images``); a
+    target's seed depends only on (base_seed, its index among its class's images, scale, class), so a
+    class keeps its first images whatever the counts of the others.
+    """
+    counts = [images_per_scale] * len(classes) if isinstance(images_per_scale, int) else list(images_per_scale)
+    if len(counts) != len(classes):
+        raise ValueError(f"{len(counts)} image counts for {len(classes)} classes")
     targets = []
-    for j in range(images_per_scale):
+    for j in range(max(counts, default=0)):
         for si, scale in enumerate(scales):
-            for c in classes:
-                seed = ((base_seed * 1_000 + j) * 100 + si) * 1_000 + c
-                targets.append(Target(int(c), float(scale), seed))
+            for c, count in zip(classes, counts):
+                if j < count:
+                    seed = ((base_seed * 1_000 + j) * 100 + si) * 1_000 + c
+                    targets.append(Target(int(c), float(scale), seed))
     return targets
+
+
+def allocate_images(presence: Sequence[float], images_per_scale: int, target_presence: float) -> list[int]:
+    """Images per scale for each old class: the uniform budget, shifted to the classes the new data lacks.
+
+    ``presence[i]`` is the share of the step's real images in which the old model sees class i. Every
+    class keeps one image per scale; the rest of the budget (``images_per_scale`` per class in all) goes
+    to the classes in proportion to how far their presence falls short of ``target_presence``. When no
+    class falls short (or all fall short equally) the allocation is uniform. Largest remainders round it.
+    """
+    n = len(presence)
+    if n == 0:
+        return []
+    if images_per_scale < 1 or not 0.0 < target_presence <= 1.0:
+        raise ValueError(
+            f"need images_per_scale >= 1 and target_presence in (0, 1], got {images_per_scale}, {target_presence}"
+        )
+    if any(not 0.0 <= p <= 1.0 for p in presence):
+        raise ValueError(f"presence shares must lie in [0, 1], got {list(presence)}")
+    shortfall = [max(0.0, target_presence - p) for p in presence]
+    if sum(shortfall) == 0.0:
+        return [images_per_scale] * n
+    spare = n * (images_per_scale - 1)
+    shares = [spare * s / sum(shortfall) for s in shortfall]
+    counts = [1 + int(share) for share in shares]
+    left = n * images_per_scale - sum(counts)
+    by_remainder = sorted(range(n), key=lambda i: (-(shares[i] - int(shares[i])), i))
+    for i in by_remainder[:left]:
+        counts[i] += 1
+    return counts
 
 
 @dataclass

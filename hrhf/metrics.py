@@ -69,3 +69,12 @@ def summarize_iou(per_class: Sequence[float | None], old: Sequence[int], new: Se
         "all": _nanmean(iou),
         "per_class": list(per_class),
     }
+
+
+def images_showing(predicted: torch.Tensor, num_classes: int, min_share: float) -> torch.Tensor:
+    """Per class, how many of the (N, H, W) predicted label maps give it at least ``min_share`` of their pixels."""
+    n = predicted.shape[0]
+    counts = torch.zeros(n, num_classes, dtype=torch.long, device=predicted.device)
+    counts.scatter_add_(1, predicted.reshape(n, -1).long(), torch.ones_like(predicted.reshape(n, -1), dtype=torch.long))
+    pixels = predicted[0].numel() if n else 1
+    return (counts >= min_share * pixels).sum(dim=0).cpu()

@@ -17,14 +17,23 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from hrhf import config as config_lib
 from hrhf.config import Config
 from hrhf.data import build_step_datasets, make_source
 from hrhf.data.transforms import eval_transform, train_transform
-from hrhf.inversion import NonFiniteError, SegInversion, SyntheticData, SyntheticSet, Target, make_targets
-from hrhf.metrics import summarize
+from hrhf.inversion import (
+    NonFiniteError,
+    SegInversion,
+    SyntheticData,
+    SyntheticSet,
+    Target,
+    allocate_images,
+    make_targets,
+)
+from hrhf.losses import predicted_classes
+from hrhf.metrics import images_showing, summarize
 from hrhf.lease import RunLease
 from hrhf.methods import METHODS
 from hrhf.models import build_model, check_architecture, load_checkpoint, save_checkpoint, widen_classifier
@@ -33,7 +42,7 @@ from hrhf.progress import Log, Progress, as_progress
 from hrhf.report import gallery_name, percent, synthesis_summary, write_report
 from hrhf.storage import RunDir
 from hrhf.tasks import Task, make_task
-from hrhf.train import StepJob, evaluate, fit, plan_step
+from hrhf.train import SeededItems, StepJob, collate_items, evaluate, fit, plan_step
 
 REFERENCES_DIR = "references"  # inside a run directory: one folder per reference method
 BASE_CHECKPOINT = "step-0.pt"  # the step-0 model every incremental method starts from
@@ -56,10 +65,16 @@ class Trainer(Protocol):
 
 
 class Evaluator(Protocol):
-    """Confusion matrix of a model on a step's validation set."""
+    """Counts over a model's predictions: the confusion matrix on a validation set, the classes images show."""
 
     def evaluate(self, cfg: Config, model: nn.Module, val: Dataset, num_classes: int) -> torch.Tensor:
         """Rows = truth, columns = prediction."""
+        ...
+
+    def images_showing(
+        self, cfg: Config, model: nn.Module, dataset: Dataset, num_classes: int, min_share: float
+    ) -> torch.Tensor:
+        """Per class, how many images of ``dataset`` the model gives at least ``min_share`` of their pixels."""
         ...
 
 
@@ -69,6 +84,18 @@ class LocalEvaluator:
     def evaluate(self, cfg: Config, model: nn.Module, val: Dataset, num_classes: int) -> torch.Tensor:
         """Confusion matrix by evaluate_step."""
         return evaluate_step(cfg, model, val, num_classes)
+
+    @torch.no_grad()
+    def images_showing(
+        self, cfg: Config, model: nn.Module, dataset: Dataset, num_classes: int, min_share: float
+    ) -> torch.Tensor:
+        """Per class, how many images of ``dataset`` the model gives at least ``min_share`` of their pixels."""
+        model.to(cfg.device).eval()
+        batch_size = cfg.train.batch_size if cfg.data.dataset == "shapes" else 1
+        total = torch.zeros(num_classes, dtype=torch.long)
+        for images, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_items):
+            total += images_showing(predicted_classes(model(images.to(cfg.device))), num_classes, min_share)
+        return total
 
 
 @dataclass
@@ -162,10 +189,25 @@ def evaluate_step(cfg: Config, model: nn.Module, val: Dataset, num_classes: int)
     return evaluate(model, val, num_classes, batch_size=batch_size, device=cfg.device)
 
 
-def step_targets(cfg: Config, task: Task, step: int) -> list[Target]:
-    """The synthesis targets of a step: old classes x SAA scales x seeds."""
+def step_targets(cfg: Config, task: Task, step: int, images_per_class: Sequence[int] | None = None) -> list[Target]:
+    """The synthesis targets of a step: old classes x SAA scales x seeds (per class when given)."""
     inv = cfg.inversion
-    return make_targets(task.old_indices(step), inv.scales, inv.images_per_scale, base_seed=cfg.seed * 100 + step)
+    counts = inv.images_per_scale if images_per_class is None else images_per_class
+    return make_targets(task.old_indices(step), inv.scales, counts, base_seed=cfg.seed * 100 + step)
+
+
+def synthesis_budget(
+    cfg: Config, teacher: nn.Module, real: Dataset, n_old: int, evaluator: Evaluator
+) -> dict[str, list]:
+    """Images per scale for each old class (``inversion.allocation``), and the share of the step's real
+    images in which the old model sees each (coverage only; measured on the evaluator's workers)."""
+    inv = cfg.inversion
+    if inv.allocation == "uniform":
+        return {"images_per_scale": [inv.images_per_scale] * n_old}
+    seen = evaluator.images_showing(cfg, teacher, SeededItems(real, cfg.seed), n_old + 1, inv.coverage_min_pixels)
+    presence = [round(float(count) / max(len(real), 1), 4) for count in seen[1:]]
+    return {"images_per_scale": allocate_images(presence, inv.images_per_scale, inv.coverage_target),
+            "presence": presence}
 
 
 def _check_checkpoint(payload: dict[str, Any], cfg: Config, task: Task, upto: int, uri: str) -> None:
@@ -401,7 +443,7 @@ def _run_steps(
         real, val = step_datasets(cfg, task, step, sources)
         n_old, n_seen = len(task.old_classes(step)), task.num_seen(step)
         fake, synth_seconds = None, 0.0
-        teacher = None
+        teacher, budget = None, None
         start = time.perf_counter()
         if cfg.method.joint or step == 0:
             if step == 0 and cfg.train.init_checkpoint and not cfg.method.joint:
@@ -417,8 +459,13 @@ def _run_steps(
             student = widen_classifier(copy.deepcopy(model), len(task.new_classes(step)), cfg.method.init)
             plan = plan_step(cfg, step, n_old=n_old, incremental=True)
             if cfg.method.fake:
-                targets = step_targets(cfg, task, step)
                 synth_start = time.perf_counter()
+                budget = synthesis_budget(cfg, teacher, real, n_old, workers.evaluator)
+                if "presence" in budget:
+                    shown = zip(task.old_classes(step), budget["presence"], budget["images_per_scale"])
+                    progress.event("synthesis", step, "coverage allocation (share of real images -> images per scale): "
+                                   + ", ".join(f"{names[c]} {p:.0%} -> {k}" for c, p, k in shown))
+                targets = step_targets(cfg, task, step, budget["images_per_scale"])
                 fake = workers.synthesizer.synthesize(teacher, targets, step)
                 synth_seconds = time.perf_counter() - synth_start
         train_start = time.perf_counter()
@@ -439,6 +486,7 @@ def _run_steps(
             "num_real": len(real),
             "num_fake": len(fake) if fake else 0,
             "synthesis": synthesis_summary(fake),
+            "synthesis_budget": budget,
             "synthesis_seconds": round(synth_seconds, 3),
             "training_seconds": round(train_seconds, 3),
             "step_seconds": round(time.perf_counter() - start, 3),

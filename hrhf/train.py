@@ -127,8 +127,9 @@ class SeededItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, item = key
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``key = (epoch, item)`` with that epoch's augmentation; an int is the item at epoch 0."""
+        epoch, item = (0, key) if isinstance(key, int) else key
         # torchvision's v2 transforms draw from torch's global generator
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(item_seed(self.seed, epoch, item))

@@ -10,14 +10,15 @@ from conftest import make_bucket, storage_options
 from hrhf.config import load_config
 from hrhf.data import make_source
 from hrhf.data.incremental import StepDataset
-from hrhf.data.transforms import eval_transform
+from hrhf.data.transforms import eval_transform, train_transform
 from hrhf.distributed.evaluation import RayEvaluator
 from hrhf.distributed.synthesis import RaySynthesizer
 from hrhf.distributed.training import RayTrainer
 from hrhf.models import build_model
-from hrhf.pipeline import evaluate_step, run
+from hrhf.pipeline import LocalEvaluator, evaluate_step, run
 from hrhf.shards import ShardStore
 from hrhf.tasks import label_lut, make_task
+from hrhf.train import SeededItems
 
 VOC_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc_mini"
 
@@ -41,6 +42,21 @@ def test_ray_evaluation_equals_local_evaluation_on_shapes():
     distributed = RayEvaluator(num_actors=2, cpus_per_actor=1.0).evaluate(cfg, model, val, 9)
     assert torch.equal(distributed, local)
     assert int(local.sum()) == sum(int((val[i][1] != 255).sum()) for i in range(len(val)))
+
+
+def test_ray_presence_counts_equal_the_local_ones_on_augmented_training_images():
+    """Coverage-aware synthesis counts, per class, the step's training images the old model sees it in."""
+    cfg = load_config("smoke", overrides=["train.batch_size=8", "model.width=4"])
+    task = make_task("shapes", "6-2-2", overlap=True)
+    source = make_source("shapes", "train", image_size=32, size=30, seed=1)
+    real = SeededItems(StepDataset(source, range(len(source)), label_lut(task, 1, "train"), train_transform(32)), 3)
+    torch.manual_seed(0)
+    model = build_model("small", 7, width=4)
+    model.eval()
+    local = LocalEvaluator().images_showing(cfg, model, real, 7, 0.01)
+    distributed = RayEvaluator(num_actors=2, cpus_per_actor=1.0).images_showing(cfg, model, real, 7, 0.01)
+    assert torch.equal(distributed, local)
+    assert local.shape == (7,) and local.max() <= len(real) and local.sum() >= len(real)  # each image shows a class
 
 
 @pytest.mark.skipif(not VOC_MINI.exists(), reason="the VOC sample is not beside the repository")
