@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,12 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def job_wall_times(preset: str, workdir: Path) -> dict[str, float]:
     """Seconds for the job through `ray job submit` and in-process, same config and machine."""
     job = [sys.executable, "jobs/incremental.py", "--preset", preset]
@@ -40,11 +34,18 @@ def job_wall_times(preset: str, workdir: Path) -> dict[str, float]:
     subprocess.run([*job, "--in-process", "--run-dir", str(workdir / "inprocess")], cwd=ROOT, check=True,
                    capture_output=True)
     in_process = time.perf_counter() - start
-    port, dashboard = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    subprocess.run([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                    "--dashboard-host=127.0.0.1", "--disable-usage-stats"], check=True, env=env, capture_output=True)
+    from hrhf.distributed import NORMAL_WORKER_PRIORITY
+    from hrhf.distributed.localcluster import free_port, kill_processes_under
+
+    port, dashboard = free_port(), free_port()
+    cluster_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    # workers at normal priority, as cluster.yaml starts them; the cluster's files in a directory of its own,
+    # so that stopping it ends no other Ray of the machine (`ray stop` would end them all)
+    env = {**os.environ, **NORMAL_WORKER_PRIORITY, "RAY_AUTH_MODE": "token", "RAY_TMPDIR": cluster_dir}
     try:
+        subprocess.run([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                        "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={cluster_dir}/ray",
+                        f"--dashboard-agent-listen-port={free_port()}"], check=True, env=env, capture_output=True)
         start = time.perf_counter()
         subprocess.run(
             [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT), "--",
@@ -54,7 +55,8 @@ def job_wall_times(preset: str, workdir: Path) -> dict[str, float]:
         )
         on_ray = time.perf_counter() - start
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+        kill_processes_under(cluster_dir)
+        shutil.rmtree(cluster_dir, ignore_errors=True)
     return {"job_inprocess_s": in_process, "job_ray_submit_s": on_ray, "job_ray_vs_inprocess": on_ray / in_process}
 
 

@@ -261,7 +261,7 @@ def distill_section(quick: bool) -> dict[str, float]:
     import ray
 
     from hrhf.distributed.training import RayTrainer
-    from hrhf.train import InMemoryFake, iters_per_epoch, real_batches, make_optimizer, mixed_batches, train_steps
+    from hrhf.train import InMemoryFake, iters_per_epoch, make_optimizer, mixed_batches, real_batches, train_steps
     from hrhf.train import step_lr
 
     cfg = step_config(quick)
