@@ -1,20 +1,14 @@
 """GlobalBatchNorm2d over two gloo processes equals BatchNorm2d over their concatenated batch."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import free_port as _free_port
 from hrhf.batchnorm import GlobalBatchNorm2d, synchronise_batchnorm
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _net() -> nn.Module:
@@ -41,7 +35,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_global_batchnorm_matches_one_process_on_the_whole_batch(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     reference = _net()
     out = reference(_batch())

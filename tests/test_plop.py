@@ -418,7 +418,7 @@ def _threshold_worker(rank: int, port: int, out_dir: str) -> None:
 
 def test_thresholds_of_two_gloo_workers_equal_one_process_on_all_batches(tmp_path):
     torch.set_num_threads(1)
-    mp.start_processes(_threshold_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_threshold_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     real, teacher, _, plan = _step_setup("plop")
     single = plop_thresholds(teacher, real_batches(real, plan, 0), 3, plan.method.plop_quantile)

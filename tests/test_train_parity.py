@@ -1,13 +1,13 @@
 """The epoch driver gives the same batches and the same weights on one process and on two (gloo, DDP)."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from conftest import free_port as _free_port
 from hrhf.batchnorm import synchronise_batchnorm
 from hrhf.config import load_config
 from hrhf.data import make_source
@@ -28,12 +28,6 @@ from hrhf.train import (
     run_epochs,
     share,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup():
@@ -99,7 +93,7 @@ def test_shares_of_a_global_batch_do_not_depend_on_the_worker_count():
 def test_two_ddp_workers_reach_the_weights_of_one_process(tmp_path):
     torch.set_num_threads(1)
     single = _train(0, 1).state_dict()
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     for rank in range(2):
         state = torch.load(tmp_path / f"rank{rank}.pt")
         for name, value in single.items():
