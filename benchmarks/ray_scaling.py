@@ -129,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job-preset", default="default", help="preset of the job timing (default: default)")
     parser.add_argument("--skip-job", action="store_true", help="leave out the job wall-time comparison")
+    parser.add_argument("--only-job", action="store_true", help="only the job wall-time comparison")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     figures: dict[str, float] = {}
-    figures.update(synthesis_rates())
-    figures.update(ddp_step_times())
+    if not args.only_job:
+        figures.update(synthesis_rates())
+        figures.update(ddp_step_times())
     if not args.skip_job:
         with tempfile.TemporaryDirectory() as workdir:
             figures.update(job_wall_times(args.job_preset, Path(workdir)))
