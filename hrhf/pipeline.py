@@ -42,7 +42,7 @@ from hrhf.progress import Log, Progress, as_progress
 from hrhf.report import gallery_name, percent, synthesis_summary, write_report
 from hrhf.storage import RunDir
 from hrhf.tasks import Task, make_task
-from hrhf.train import SeededItems, StepJob, collate_items, evaluate, fit, plan_step
+from hrhf.train import SeededItems, StepJob, collate_items, evaluate, fit, plan_step, prediction_batch_size
 
 REFERENCES_DIR = "references"  # inside a run directory: one folder per reference method
 BASE_CHECKPOINT = "step-0.pt"  # the step-0 model every incremental method starts from
@@ -91,9 +91,8 @@ class LocalEvaluator:
     ) -> torch.Tensor:
         """Per class, how many images of ``dataset`` the model gives at least ``min_share`` of their pixels."""
         model.to(cfg.device).eval()
-        batch_size = cfg.train.batch_size if cfg.data.dataset == "shapes" else 1
         total = torch.zeros(num_classes, dtype=torch.long)
-        for images, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_items):
+        for images, _ in DataLoader(dataset, batch_size=prediction_batch_size(cfg), collate_fn=collate_items):
             total += images_showing(predicted_classes(model(images.to(cfg.device))), num_classes, min_share)
         return total
 
@@ -185,8 +184,7 @@ def step_datasets(cfg: Config, task: Task, step: int, sources: tuple[Dataset, Da
 
 def evaluate_step(cfg: Config, model: nn.Module, val: Dataset, num_classes: int) -> torch.Tensor:
     """Confusion matrix on a step's validation set, on the config's device; real images (mixed sizes) one at a time."""
-    batch_size = cfg.train.batch_size if cfg.data.dataset == "shapes" else 1
-    return evaluate(model, val, num_classes, batch_size=batch_size, device=cfg.device)
+    return evaluate(model, val, num_classes, batch_size=prediction_batch_size(cfg), device=cfg.device)
 
 
 def step_targets(cfg: Config, task: Task, step: int, images_per_class: Sequence[int] | None = None) -> list[Target]:

@@ -409,6 +409,11 @@ def fit(
     return run_epochs(student, teacher, plan, batches_of_epoch, iters, optimizer, device, on_epoch=on_epoch)
 
 
+def prediction_batch_size(cfg: Config) -> int:
+    """Images per prediction batch: whole batches of procedural images, real images (mixed sizes) one at a time."""
+    return cfg.train.batch_size if cfg.data.dataset == "shapes" else 1
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int = 32, device: str = "cpu") -> torch.Tensor:
     """Confusion matrix (rows = truth) of ``model`` on ``dataset``; use batch_size 1 for images of mixed sizes."""

@@ -21,7 +21,7 @@ from hrhf.distributed.devices import compute_device
 from hrhf.losses import predicted_classes
 from hrhf.metrics import ConfusionMatrix, images_showing
 from hrhf.models import ModelSpec
-from hrhf.train import collate_items
+from hrhf.train import collate_items, prediction_batch_size
 
 
 class _Predictor:
@@ -70,7 +70,7 @@ class RayEvaluator:
 
     def _summed_counts(self, cfg: Config, model: nn.Module, dataset: Dataset, num_classes: int, size: int,
                        min_share: float | None) -> torch.Tensor:
-        batch_size = cfg.train.batch_size if cfg.data.dataset == "shapes" else 1
+        batch_size = prediction_batch_size(cfg)
         spec = ModelSpec.of(model, cfg.model.name, cfg.model.width)
         items = ray.data.from_items([{"item": i} for i in range(len(dataset))])
         counts = items.map_batches(
