@@ -1,10 +1,12 @@
 """The Ray data plane: evaluation on Ray Data actors equals the local one; the driver reads no synthetic shard."""
 
+import threading
 from pathlib import Path
 
 import pytest
 import ray
 import torch
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from conftest import make_bucket, storage_options
 from hrhf.config import load_config
@@ -13,10 +15,11 @@ from hrhf.data.incremental import StepDataset
 from hrhf.data.transforms import eval_transform, train_transform
 from hrhf.distributed.evaluation import RayEvaluator
 from hrhf.distributed.synthesis import RaySynthesizer
-from hrhf.distributed.training import RayTrainer
+from hrhf.distributed.training import RayTrainer, fake_dataset
+from hrhf.inversion import SyntheticSet
 from hrhf.models import build_model
 from hrhf.pipeline import LocalEvaluator, evaluate_step, run
-from hrhf.shards import ShardStore
+from hrhf.shards import ShardStore, StoredSynthetic, to_table
 from hrhf.tasks import label_lut, make_task
 from hrhf.train import SeededItems
 
@@ -102,3 +105,42 @@ def test_a_run_on_s3_leaves_the_shards_to_the_workers(s3_endpoint, monkeypatch):
              for step in report["steps"][1:]]
     assert [s["num_fake"] for s in report["steps"][1:]] == [c * cfg.inversion.images_per_scale for c in cells]
     assert sum(read_rows) == sum(cells)  # one image per (class, scale) for the galleries, nothing more
+
+
+def test_committed_shards_stream_while_train_workers_hold_every_cpu(tmp_path):
+    """The train workers may reserve every CPU of the cluster; the fake set must still stream to them."""
+    store = ShardStore(str(tmp_path / "shards"))
+    ids = []
+    for shard in range(3):
+        images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+        synthetic = SyntheticSet(images, torch.zeros(4, 8, 8, dtype=torch.uint8),
+                                 [{"class": 1, "scale": 0.5, "seed": 4 * shard + i, "loss": 0.0, "area": 0.5}
+                                  for i in range(4)])
+        ids.append(f"s{shard}")
+        store.write_shard(ids[-1], to_table(synthetic, "m", 1, ids[-1]))
+    store.write_step_manifest(1, ids)
+    fake = StoredSynthetic(store, 1)
+    expected = [bytes(row) for shard in ids for row in store.read_shard(shard).column("image").to_pylist()]
+
+    every_cpu = placement_group([{"CPU": 2}])  # what two train workers of one CPU hold on this cluster
+    ray.get(every_cpu.ready())
+    rows: list[bytes] = []
+
+    def stream() -> None:
+        for block in fake_dataset(fake).iter_batches(batch_size=5, batch_format="pyarrow"):
+            rows.extend(block.column("image").to_pylist())
+
+    reader = threading.Thread(target=stream, daemon=True)
+    context = ray.data.DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # as RayTrainer's DataConfig asks
+    try:
+        reader.start()
+        reader.join(timeout=60)
+        finished = not reader.is_alive()
+    finally:
+        remove_placement_group(every_cpu)  # lets a stuck read end
+        reader.join(timeout=60)
+        context.execution_options.preserve_order = preserve_order
+    assert finished, "the synthetic shards did not stream while the train workers held every CPU"
+    assert rows == expected

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.data
 import ray.train
@@ -219,10 +220,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         raise NonFiniteError(f"step {plan.step}, rank {rank}, {err}") from None
 
 
+def _read_shards(batch: dict[str, np.ndarray], filesystem: Any) -> pa.Table:
+    """The image column of the Parquet shards named in ``batch``, in order."""
+    return pa.concat_tables([pq.read_table(path, columns=["image"], filesystem=filesystem) for path in batch["path"]])
+
+
 def fake_dataset(fake: Any) -> ray.data.Dataset:
     """The step's synthetic rows as a Ray Dataset, read where it is consumed (never through the driver)."""
     if isinstance(fake, StoredSynthetic):
-        return ray.data.read_parquet(fake.parquet_paths(), filesystem=fake.store.arrow_filesystem(), columns=["image"])
+        # Not read_parquet: its file-listing tasks ask for a whole CPU each, and the train workers may hold
+        # every CPU of the cluster (they do on one machine), so the read would wait for ever. Reading a shard
+        # only moves PNG bytes, so these tasks ask for none.
+        paths = ray.data.from_items([{"path": path} for path in fake.parquet_paths()])
+        return paths.map_batches(_read_shards, fn_kwargs={"filesystem": fake.store.arrow_filesystem()}, batch_size=1,
+                                 batch_format="numpy", num_cpus=0)
     if hasattr(fake, "dataset"):  # synthetic tables in Ray's object store
         return fake.dataset()
     if isinstance(fake, SyntheticSet):  # an in-memory set (tests, benchmarks): shipped once
