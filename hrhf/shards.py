@@ -328,7 +328,7 @@ class ShardStore:
     def parquet_paths(self, shard_ids: list[str] | None = None, step: int | None = None) -> list[str]:
         """Paths of finished shards within ``arrow_filesystem()``: the given ones, those of a step's manifest, or all.
 
-        For Ray Data: ``ray.data.read_parquet(store.parquet_paths(step=N), filesystem=store.arrow_filesystem())``.
+        For readers elsewhere: ``pyarrow.parquet.ParquetFile(store.arrow_filesystem().open_input_file(path))``.
         Without ``shard_ids`` or ``step``: every finished shard, sorted by id, including shards of a step
         left over from a run with another shard size.
         """

@@ -15,7 +15,7 @@ from hrhf.data.incremental import StepDataset
 from hrhf.data.transforms import eval_transform, train_transform
 from hrhf.distributed.evaluation import RayEvaluator
 from hrhf.distributed.synthesis import RaySynthesizer
-from hrhf.distributed.training import RayTrainer, fake_dataset
+from hrhf.distributed.training import FakeRows, RayTrainer, StreamedFake
 from hrhf.inversion import SyntheticSet
 from hrhf.models import build_model
 from hrhf.pipeline import LocalEvaluator, evaluate_step, run
@@ -107,8 +107,9 @@ def test_a_run_on_s3_leaves_the_shards_to_the_workers(s3_endpoint, monkeypatch):
     assert sum(read_rows) == sum(cells)  # one image per (class, scale) for the galleries, nothing more
 
 
-def test_committed_shards_stream_while_train_workers_hold_every_cpu(tmp_path):
-    """The train workers may reserve every CPU of the cluster; the fake set must still stream to them."""
+@pytest.mark.parametrize("sink", ["parquet", "object store"])
+def test_synthetic_rows_stream_in_order_while_train_workers_hold_every_cpu(tmp_path, sink):
+    """The train workers may reserve every CPU of the cluster; the fake set must still stream to them, in order."""
     store = ShardStore(str(tmp_path / "shards"))
     ids = []
     for shard in range(3):
@@ -119,21 +120,19 @@ def test_committed_shards_stream_while_train_workers_hold_every_cpu(tmp_path):
         ids.append(f"s{shard}")
         store.write_shard(ids[-1], to_table(synthetic, "m", 1, ids[-1]))
     store.write_step_manifest(1, ids)
-    fake = StoredSynthetic(store, 1)
-    expected = [bytes(row) for shard in ids for row in store.read_shard(shard).column("image").to_pylist()]
+    expected = store.read_all(ids)
+    rows = FakeRows.of(StoredSynthetic(store, 1) if sink == "parquet" else expected)
 
     every_cpu = placement_group([{"CPU": 2}])  # what two train workers of one CPU hold on this cluster
     ray.get(every_cpu.ready())
-    rows: list[bytes] = []
+    taken: list[torch.Tensor] = []
+    stream = StreamedFake(rows)
 
-    def stream() -> None:
-        for block in fake_dataset(fake).iter_batches(batch_size=5, batch_format="pyarrow"):
-            rows.extend(block.column("image").to_pylist())
+    def read() -> None:
+        for position in range(0, 2 * len(expected), 4):  # two passes over the set
+            taken.append(stream.take(range(position, position + 4)))
 
-    reader = threading.Thread(target=stream, daemon=True)
-    context = ray.data.DataContext.get_current()
-    preserve_order = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True  # as RayTrainer's DataConfig asks
+    reader = threading.Thread(target=read, daemon=True)
     try:
         reader.start()
         reader.join(timeout=60)
@@ -141,6 +140,6 @@ def test_committed_shards_stream_while_train_workers_hold_every_cpu(tmp_path):
     finally:
         remove_placement_group(every_cpu)  # lets a stuck read end
         reader.join(timeout=60)
-        context.execution_options.preserve_order = preserve_order
-    assert finished, "the synthetic shards did not stream while the train workers held every CPU"
-    assert rows == expected
+    assert finished, "the synthetic rows did not stream while the train workers held every CPU"
+    assert len(stream) == len(expected) == 12
+    assert torch.equal(torch.cat(taken), torch.cat([expected.images, expected.images]))  # the set end to end, twice

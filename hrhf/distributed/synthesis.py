@@ -118,10 +118,6 @@ class ObjectStoreSynthetic:
     def __len__(self) -> int:
         return len(self.meta)
 
-    def dataset(self) -> ray.data.Dataset:
-        """The images as a Ray Dataset over the tables in the object store."""
-        return ray.data.from_arrow_refs(self.table_refs)
-
     def read_all(self) -> SyntheticSet:
         """Every image, fetched to this process (tests and tools; workers stream instead)."""
         return SyntheticSet.concat([from_table(table) for table in ray.get(self.table_refs)])

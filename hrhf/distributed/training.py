@@ -6,7 +6,8 @@ restartable. No image passes through the driver:
   item index) in hrhf.train's order; the worker decodes and augments its items itself, with the
   step dataset's own transforms and hrhf.train's seeding rule, afresh every epoch;
 - synthetic images: every worker streams the step's committed Parquet shards (or the object-store
-  tables) with Ray Data, cyclically, and decodes only the rows of its share of each batch.
+  tables) itself, cyclically, one record batch at a time, and decodes only the rows of its share of
+  each batch.
 Each epoch ends with a checkpoint from rank 0; a restarted worker group (FailureConfig) or a re-run
 with the same storage resumes from it. Epoch progress reaches the driver through a queue while the
 fit runs.
@@ -20,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,7 @@ from hrhf.distributed.devices import compute_device
 from hrhf.inversion import NonFiniteError, SyntheticSet
 from hrhf.models import ModelSpec
 from hrhf.progress import Log, as_progress
-from hrhf.shards import StoredSynthetic, decode_png, encode_png
+from hrhf.shards import ShardStore, StoredSynthetic, decode_png, encode_png
 from hrhf.train import (
     SeededItems,
     StepJob,
@@ -74,7 +75,7 @@ class WorkerJob:
     teacher: ModelSpec | None
     real: Dataset  # the step's real training set: sources and transforms, not images
     iters: int  # global batches per epoch
-    num_fake: int
+    fake: FakeRows | None  # the step's synthetic rows, None without a fake half
     threads: int
     sync_bn: bool
     progress: Any = None  # a ray.util.queue.Queue receiving rank 0's per-epoch metrics
@@ -130,19 +131,58 @@ class RealStream:
                 yield collate_items([self.items[(epoch, item)] for item in items])
 
 
-class StreamedFake:
-    """A FakeSource over a Ray Dataset of synthetic rows, the set repeated end to end: only the current block is held."""
+@dataclass
+class FakeRows:
+    """Where the workers read a step's synthetic images: committed Parquet shards of a store, or Arrow tables
+    in Ray's object store. Each worker reads them itself, one record batch or shard at a time."""
 
-    def __init__(self, dataset: ray.data.DataIterator, size: int) -> None:
-        self.size = size
-        self.rows = self._rows(dataset)
+    count: int
+    store: ShardStore | None = None
+    paths: list[str] = field(default_factory=list)  # within store.arrow_filesystem()
+    table_refs: list[ray.ObjectRef] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, fake: Any) -> FakeRows:
+        """The rows of a step's synthetic data, as the synthesizer left them."""
+        if isinstance(fake, StoredSynthetic):
+            return cls(len(fake), store=fake.store, paths=fake.parquet_paths())
+        if hasattr(fake, "table_refs"):  # synthetic tables in Ray's object store
+            return cls(len(fake), table_refs=list(fake.table_refs))
+        if isinstance(fake, SyntheticSet):  # an in-memory set (tests, benchmarks): shipped once
+            images = fake.images.permute(0, 2, 3, 1).contiguous().numpy()
+            return cls(len(fake), table_refs=[ray.put(pa.table({"image": [encode_png(image) for image in images]}))])
+        raise TypeError(f"cannot stream synthetic images from {type(fake).__name__}")
+
+    def images(self) -> Iterator[bytes]:
+        """One pass over the PNG-encoded images, in the step's order."""
+        if self.store is not None:
+            filesystem = self.store.arrow_filesystem()
+            for path in self.paths:
+                with filesystem.open_input_file(path) as file:
+                    for batch in pq.ParquetFile(file).iter_batches(batch_size=64, columns=["image"]):
+                        yield from batch.column(0).to_pylist()
+        else:
+            for table_ref in self.table_refs:
+                yield from ray.get(table_ref).column("image").to_pylist()
+
+
+class StreamedFake:
+    """A FakeSource over a step's synthetic rows, the set repeated end to end: only the current batch of rows is held.
+
+    Not Ray Data: its Parquet reader lists files with tasks of a whole CPU each, which never start while
+    the train workers hold every CPU of the cluster (as they do on one machine).
+    """
+
+    def __init__(self, rows: FakeRows) -> None:
+        self.size = rows.count
+        self.rows = self._repeated(rows)
         self.position = -1  # position of the last row read
         self.image: bytes | None = None
 
     @staticmethod
-    def _rows(dataset: ray.data.DataIterator) -> Iterator[bytes]:
-        for block in dataset.iter_batches(batch_size=64, batch_format="pyarrow", prefetch_batches=1):
-            yield from block.column("image").to_pylist()
+    def _repeated(rows: FakeRows) -> Iterator[bytes]:
+        while True:
+            yield from rows.images()
 
     def __len__(self) -> int:
         return self.size
@@ -188,7 +228,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
 
-    fake = StreamedFake(ray.train.get_dataset_shard("fake"), job.num_fake) if job.num_fake else None
+    fake = StreamedFake(job.fake) if job.fake is not None else None
     real = RealStream(ray.train.get_dataset_shard(f"real-{rank}"), SeededItems(job.real, plan.seed))
     epoch_start = time.perf_counter()
 
@@ -218,28 +258,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    threshold_batches=lambda: real_batches(job.real, plan, 0, rank=rank, world=world))
     except NonFiniteError as err:
         raise NonFiniteError(f"step {plan.step}, rank {rank}, {err}") from None
-
-
-def _read_shards(batch: dict[str, np.ndarray], filesystem: Any) -> pa.Table:
-    """The image column of the Parquet shards named in ``batch``, in order."""
-    return pa.concat_tables([pq.read_table(path, columns=["image"], filesystem=filesystem) for path in batch["path"]])
-
-
-def fake_dataset(fake: Any) -> ray.data.Dataset:
-    """The step's synthetic rows as a Ray Dataset, read where it is consumed (never through the driver)."""
-    if isinstance(fake, StoredSynthetic):
-        # Not read_parquet: its file-listing tasks ask for a whole CPU each, and the train workers may hold
-        # every CPU of the cluster (they do on one machine), so the read would wait for ever. Reading a shard
-        # only moves PNG bytes, so these tasks ask for none.
-        paths = ray.data.from_items([{"path": path} for path in fake.parquet_paths()])
-        return paths.map_batches(_read_shards, fn_kwargs={"filesystem": fake.store.arrow_filesystem()}, batch_size=1,
-                                 batch_format="numpy", num_cpus=0)
-    if hasattr(fake, "dataset"):  # synthetic tables in Ray's object store
-        return fake.dataset()
-    if isinstance(fake, SyntheticSet):  # an in-memory set (tests, benchmarks): shipped once
-        images = fake.images.permute(0, 2, 3, 1).contiguous().numpy()
-        return ray.data.from_arrow(pa.table({"image": [encode_png(image) for image in images]}))
-    raise TypeError(f"cannot stream synthetic images from {type(fake).__name__}")
 
 
 class RayTrainer:
@@ -289,7 +307,7 @@ class RayTrainer:
             teacher=None if job.teacher is None else ModelSpec.of(job.teacher, job.cfg.model.name, job.cfg.model.width),
             real=job.real,
             iters=iters_per_epoch(len(job.real), plan.batch_size),
-            num_fake=len(job.fake) if _uses_fake(job) else 0,
+            fake=FakeRows.of(job.fake) if _uses_fake(job) else None,
             threads=max(1, int(self.cpus_per_worker)),
             sync_bn=job.cfg.train.sync_bn,
             progress=progress,
@@ -317,12 +335,6 @@ class RayTrainer:
         plan = job.plan
         datasets = {f"real-{rank}": ray.data.from_arrow(table)
                     for rank, table in enumerate(real_schedule(len(job.real), plan, self.num_workers))}
-        if _uses_fake(job):
-            # every position the fit reads, as whole passes over the set: one stream, no restart per pass
-            iters = iters_per_epoch(len(job.real), plan.batch_size)
-            passes = -(-plan.epochs * iters * plan.fake_per_batch // len(job.fake))
-            fake = fake_dataset(job.fake)
-            datasets["fake"] = fake.union(*[fake] * (passes - 1)) if passes > 1 else fake
         progress = Queue(actor_options={"num_cpus": 0})
         trainer = ray.train.torch.TorchTrainer(
             self.train_loop,
@@ -337,7 +349,7 @@ class RayTrainer:
             ),
             datasets=datasets,
             dataset_config=ray.train.DataConfig(
-                datasets_to_split=[],  # each worker reads its own references; every worker streams the fake set
+                datasets_to_split=[],  # each worker reads its own references
                 execution_options=ray.data.ExecutionOptions(preserve_order=True),
             ),
         )
