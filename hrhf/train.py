@@ -132,7 +132,9 @@ class SeededItems(Dataset):
         epoch, item = (0, key) if isinstance(key, int) else key
         # torchvision's v2 transforms draw from torch's global generator
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed(self.seed, epoch, item))
+            # the CPU generator only: torch.manual_seed also seeds CUDA, lazily, and records a stack trace for it
+            # every call, which cost a tenth of a training step on small images
+            torch.default_generator.manual_seed(item_seed(self.seed, epoch, item))
             return self.dataset[item]
 
 
@@ -372,15 +374,18 @@ def plop_thresholds(
     return histogram_quantiles(histogram, quantile)
 
 
+def item_batches(real: Dataset, seed: int, batches: list[list[tuple[int, int]]], num_workers: int = 0) -> DataLoader:
+    """Batches of (epoch, item) keys, decoded and augmented by ``num_workers`` loader processes (0: this process)."""
+    return DataLoader(SeededItems(real, seed), batch_sampler=batches, num_workers=num_workers, collate_fn=collate_items)
+
+
 def real_batches(
     real: Dataset, plan: StepPlan, epoch: int, num_workers: int = 0, rank: int = 0, world: int = 1
 ) -> DataLoader:
     """This process's share of each of an epoch's global real batches, decoded and augmented by a DataLoader here."""
     global_batches = epoch_batches(len(real), plan.batch_size, plan.seed, epoch)
     shares = [batch[share(len(batch), rank, world)] for batch in global_batches]
-    batches = [[(epoch, i) for i in items] for items in shares if items]
-    return DataLoader(SeededItems(real, plan.seed), batch_sampler=batches, num_workers=num_workers,
-                      collate_fn=collate_items)
+    return item_batches(real, plan.seed, [[(epoch, i) for i in items] for items in shares if items], num_workers)
 
 
 def fit(

@@ -15,13 +15,13 @@ from hrhf.data.incremental import StepDataset
 from hrhf.data.transforms import eval_transform, train_transform
 from hrhf.distributed.evaluation import RayEvaluator
 from hrhf.distributed.synthesis import RaySynthesizer
-from hrhf.distributed.training import FakeRows, RayTrainer, StreamedFake
+from hrhf.distributed.training import FakeRows, RayTrainer, RealStream, StreamedFake, real_schedule
 from hrhf.inversion import SyntheticSet
 from hrhf.models import build_model
 from hrhf.pipeline import LocalEvaluator, evaluate_step, run
 from hrhf.shards import ShardStore, StoredSynthetic, to_table
 from hrhf.tasks import label_lut, make_task
-from hrhf.train import SeededItems
+from hrhf.train import SeededItems, iters_per_epoch, plan_step, real_batches
 
 VOC_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc_mini"
 
@@ -143,3 +143,21 @@ def test_synthetic_rows_stream_in_order_while_train_workers_hold_every_cpu(tmp_p
     assert finished, "the synthetic rows did not stream while the train workers held every CPU"
     assert len(stream) == len(expected) == 12
     assert torch.equal(torch.cat(taken), torch.cat([expected.images, expected.images]))  # the set end to end, twice
+
+
+def test_worker_real_stream_with_loader_processes_equals_the_local_batches():
+    """A train worker's real batches (references through Ray Data, decoded by loader processes) are the local ones."""
+    cfg = load_config("smoke", overrides=["train.batch_size=6", "train.epochs_step=2"])
+    task = make_task("shapes", "6-2-2", overlap=True)
+    source = make_source("shapes", "train", image_size=32, size=20, seed=1)
+    real = StepDataset(source, range(len(source)), label_lut(task, 1, "train"), train_transform(32))
+    plan = plan_step(cfg, 1, n_old=6, incremental=True)
+    world = 2
+    for rank, table in enumerate(real_schedule(len(real), plan, world)):
+        stream = RealStream(ray.data.from_arrow(table).iterator(), real, plan.seed, loader_workers=2)
+        for epoch in range(plan.epochs):
+            local = list(real_batches(real, plan, epoch, num_workers=0, rank=rank, world=world))
+            streamed = list(stream.epoch(epoch))
+            assert len(streamed) == len(local) == iters_per_epoch(len(real), plan.batch_size)
+            for (images, labels), (local_images, local_labels) in zip(streamed, local):
+                assert torch.equal(images, local_images) and torch.equal(labels, local_labels)

@@ -20,7 +20,7 @@ import queue as queue_lib
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,11 +44,10 @@ from hrhf.models import ModelSpec
 from hrhf.progress import Log, as_progress
 from hrhf.shards import ShardStore, StoredSynthetic, decode_png, encode_png
 from hrhf.train import (
-    SeededItems,
     StepJob,
     StepPlan,
-    collate_items,
     epoch_batches,
+    item_batches,
     iters_per_epoch,
     make_optimizer,
     mixed_batches,
@@ -77,6 +76,7 @@ class WorkerJob:
     iters: int  # global batches per epoch
     fake: FakeRows | None  # the step's synthetic rows, None without a fake half
     threads: int
+    loader_workers: int  # processes decoding and augmenting each worker's real images (train.num_workers)
     sync_bn: bool
     progress: Any = None  # a ray.util.queue.Queue receiving rank 0's per-epoch metrics
     use_gpu: bool = False  # whether each worker reserves a GPU
@@ -98,8 +98,8 @@ def real_schedule(num_items: int, plan: StepPlan, world: int) -> list[pa.Table]:
 class RealStream:
     """A worker's real batches, epoch by epoch, from its stream of item references."""
 
-    def __init__(self, shard: ray.data.DataIterator, items: SeededItems) -> None:
-        self.items = items
+    def __init__(self, shard: ray.data.DataIterator, real: Dataset, seed: int, loader_workers: int = 0) -> None:
+        self.real, self.seed, self.loader_workers = real, seed, loader_workers
         self.groups = self._groups(shard)
         self.pending: tuple[int, list[int]] | None = None
 
@@ -116,19 +116,21 @@ class RealStream:
         if items:
             yield key[0], items
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Decoded, augmented batches of ``epoch``; earlier epochs' references are skipped undecoded."""
+    def epoch(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """Decoded, augmented batches of ``epoch`` (by hrhf.train's loader); earlier epochs' references are skipped."""
+        batches = []
         while True:
             if self.pending is None:
                 self.pending = next(self.groups, None)
                 if self.pending is None:
-                    return
+                    break
             group_epoch, items = self.pending
             if group_epoch > epoch:
-                return
+                break
             self.pending = None
             if group_epoch == epoch:
-                yield collate_items([self.items[(epoch, item)] for item in items])
+                batches.append([(epoch, item) for item in items])
+        return item_batches(self.real, self.seed, batches, self.loader_workers)
 
 
 @dataclass
@@ -229,7 +231,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
 
     fake = StreamedFake(job.fake) if job.fake is not None else None
-    real = RealStream(ray.train.get_dataset_shard(f"real-{rank}"), SeededItems(job.real, plan.seed))
+    real = RealStream(ray.train.get_dataset_shard(f"real-{rank}"), job.real, plan.seed, job.loader_workers)
     epoch_start = time.perf_counter()
 
     def batches_of_epoch(epoch: int) -> Iterator:
@@ -309,6 +311,7 @@ class RayTrainer:
             iters=iters_per_epoch(len(job.real), plan.batch_size),
             fake=FakeRows.of(job.fake) if _uses_fake(job) else None,
             threads=max(1, int(self.cpus_per_worker)),
+            loader_workers=job.cfg.train.num_workers,
             sync_bn=job.cfg.train.sync_bn,
             progress=progress,
             use_gpu=bool(self.scaling_config().use_gpu),
