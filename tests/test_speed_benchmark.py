@@ -22,3 +22,13 @@ def test_speed_script_quick_inversion_section_and_comparison(tmp_path):
                              timeout=120)
     assert compare.returncode == 0, compare.stderr[-3000:]
     assert "| small_64_inversion_vs_bare |" in compare.stdout and ">= 0.85" in compare.stdout
+
+
+def test_distillation_benchmark_trains_every_student_weight():
+    """The step the distill section times must compute every weight gradient, as the pipeline's student does."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import speed
+
+    job = speed.step_job(speed.step_config(quick=True))
+    assert all(p.requires_grad for p in job.student.parameters())
+    assert not any(p.requires_grad for p in job.teacher.parameters())
