@@ -93,6 +93,7 @@ def synthesis_rates() -> dict[str, float]:
 def ddp_step_times() -> dict[str, float]:
     """Seconds per optimisation step of Ray Train with 1 and 2 one-CPU workers, same global batch."""
     import copy
+    import dataclasses
 
     import ray
 
@@ -100,11 +101,13 @@ def ddp_step_times() -> dict[str, float]:
     from hrhf.distributed.training import RayTrainer
     from hrhf.models import build_model, widen_classifier
     from hrhf.pipeline import StepJob, sources_of, step_datasets, task_of
+    from hrhf.train import plan_step
 
     cfg = load_config(method="mib", overrides=["data.train_size=600"])
     task = task_of(cfg)
     real, _ = step_datasets(cfg, task, 1, sources_of(cfg))
     teacher = build_model(cfg.model.name, 7, cfg.model.width).eval()
+    plan = dataclasses.replace(plan_step(cfg, 1, n_old=6, incremental=True), epochs=4)
     times = {}
     from hrhf.distributed import normal_worker_priority
 
@@ -112,10 +115,9 @@ def ddp_step_times() -> dict[str, float]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for workers in (1, 2):
-            student = widen_classifier(copy.deepcopy(teacher), 2)
-            job = StepJob(1, student, teacher, real, None, 6, 4, cfg.train.lr_step, cfg)
+            student = widen_classifier(copy.deepcopy(teacher), len(task.new_classes(1)))
             trainer = RayTrainer(num_workers=workers, cpus_per_worker=1.0, log=lambda _m: None)
-            trainer.train(job)
+            trainer.train(StepJob(1, student, teacher, real, None, plan, cfg))
             steps = [h["seconds_per_step"] for h in trainer.history[1:]]  # the first epoch warms up
             times[f"ddp_s_per_step_{workers}_worker"] = statistics.mean(steps)
     finally:
