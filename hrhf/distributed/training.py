@@ -142,6 +142,7 @@ class FakeRows:
     store: ShardStore | None = None
     paths: list[str] = field(default_factory=list)  # within store.arrow_filesystem()
     table_refs: list[ray.ObjectRef] = field(default_factory=list)
+    table: pa.Table | None = None  # an in-memory set, shipped with the job
 
     @classmethod
     def of(cls, fake: Any) -> FakeRows:
@@ -150,9 +151,11 @@ class FakeRows:
             return cls(len(fake), store=fake.store, paths=fake.parquet_paths())
         if hasattr(fake, "table_refs"):  # synthetic tables in Ray's object store
             return cls(len(fake), table_refs=list(fake.table_refs))
-        if isinstance(fake, SyntheticSet):  # an in-memory set (tests, benchmarks): shipped once
+        if isinstance(fake, SyntheticSet):  # an in-memory set (tests, benchmarks): shipped with the job
+            # not ray.put: a reference the driver holds in a cycle can be collected after ray.shutdown(),
+            # and Ray ends the process when that happens
             images = fake.images.permute(0, 2, 3, 1).contiguous().numpy()
-            return cls(len(fake), table_refs=[ray.put(pa.table({"image": [encode_png(image) for image in images]}))])
+            return cls(len(fake), table=pa.table({"image": [encode_png(image) for image in images]}))
         raise TypeError(f"cannot stream synthetic images from {type(fake).__name__}")
 
     def images(self) -> Iterator[bytes]:
@@ -163,6 +166,8 @@ class FakeRows:
                 with filesystem.open_input_file(path) as file:
                     for batch in pq.ParquetFile(file).iter_batches(batch_size=64, columns=["image"]):
                         yield from batch.column(0).to_pylist()
+        elif self.table is not None:
+            yield from self.table.column("image").to_pylist()
         else:
             for table_ref in self.table_refs:
                 yield from ray.get(table_ref).column("image").to_pylist()
