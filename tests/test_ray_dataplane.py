@@ -107,7 +107,7 @@ def test_a_run_on_s3_leaves_the_shards_to_the_workers(s3_endpoint, monkeypatch):
     assert sum(read_rows) == sum(cells)  # one image per (class, scale) for the galleries, nothing more
 
 
-@pytest.mark.parametrize("sink", ["parquet", "object store"])
+@pytest.mark.parametrize("sink", ["parquet", "object store", "in memory"])
 def test_synthetic_rows_stream_in_order_while_train_workers_hold_every_cpu(tmp_path, sink):
     """The train workers may reserve every CPU of the cluster; the fake set must still stream to them, in order."""
     store = ShardStore(str(tmp_path / "shards"))
@@ -121,7 +121,12 @@ def test_synthetic_rows_stream_in_order_while_train_workers_hold_every_cpu(tmp_p
         store.write_shard(ids[-1], to_table(synthetic, "m", 1, ids[-1]))
     store.write_step_manifest(1, ids)
     expected = store.read_all(ids)
-    rows = FakeRows.of(StoredSynthetic(store, 1) if sink == "parquet" else expected)
+    if sink == "parquet":
+        rows = FakeRows.of(StoredSynthetic(store, 1))
+    elif sink == "object store":  # one Arrow table per shard, as ObjectStoreSynthetic holds them
+        rows = FakeRows(len(expected), table_refs=[ray.put(store.read_shard(shard_id)) for shard_id in ids])
+    else:
+        rows = FakeRows.of(expected)
 
     every_cpu = placement_group([{"CPU": 2}])  # what two train workers of one CPU hold on this cluster
     ray.get(every_cpu.ready())
