@@ -36,13 +36,15 @@ from hrhf.losses import predicted_classes
 from hrhf.metrics import images_showing, summarize
 from hrhf.lease import RunLease
 from hrhf.methods import METHODS
-from hrhf.models import build_model, check_architecture, load_checkpoint, save_checkpoint, widen_classifier
+from hrhf.models import (build_model, check_architecture, load_checkpoint, num_outputs, save_checkpoint,
+                         widen_classifier)
 from hrhf.plots import gallery_png
 from hrhf.progress import Log, Progress, as_progress
 from hrhf.report import gallery_name, percent, synthesis_summary, write_report
 from hrhf.storage import RunDir
 from hrhf.tasks import Task, make_task
-from hrhf.train import SeededItems, StepJob, collate_items, evaluate, fit, plan_step, prediction_batch_size
+from hrhf.train import (SeededItems, StepJob, TrainedStep, collate_items, evaluate, fit, plan_step,
+                        prediction_batch_size)
 
 REFERENCES_DIR = "references"  # inside a run directory: one folder per reference method
 BASE_CHECKPOINT = "step-0.pt"  # the step-0 model every incremental method starts from
@@ -57,10 +59,10 @@ class Synthesizer(Protocol):
 
 
 class Trainer(Protocol):
-    """Trains the student of one step and returns it."""
+    """Trains the student of one step and returns it, scored on the job's validation set when it has one."""
 
-    def train(self, job: StepJob) -> nn.Module:
-        """Train ``job.student`` on the step's real (and fake) data."""
+    def train(self, job: StepJob) -> TrainedStep:
+        """Train ``job.student`` on the step's real (and fake) data; with ``job.val``, its confusion matrix too."""
         ...
 
 
@@ -136,8 +138,8 @@ class LocalTrainer:
         self.log = as_progress(log)
         self.after_epoch = after_epoch
 
-    def train(self, job: StepJob) -> nn.Module:
-        """Fit the student for the step's epochs."""
+    def train(self, job: StepJob) -> TrainedStep:
+        """Fit the student for the step's epochs, then score it on ``job.val`` (evaluate_step)."""
 
         def on_epoch(epoch: int, _iteration: int, stats: dict[str, float]) -> None:
             self.log.event("training", job.step, done=epoch + 1, total=job.plan.epochs, unit="epoch", **stats)
@@ -145,10 +147,12 @@ class LocalTrainer:
                 self.after_epoch(job, epoch, stats)
 
         try:
-            return fit(job.student, job.teacher, job.real, job.fake, job.plan, device=job.cfg.device,
-                       num_workers=job.cfg.train.num_workers, on_epoch=on_epoch)
+            model = fit(job.student, job.teacher, job.real, job.fake, job.plan, device=job.cfg.device,
+                        num_workers=job.cfg.train.num_workers, on_epoch=on_epoch)
         except NonFiniteError as err:
             raise NonFiniteError(f"step {job.step}, {err}; nothing of this step was saved") from None
+        confusion = None if job.val is None else evaluate_step(job.cfg, model, job.val, num_outputs(model))
+        return TrainedStep(model, confusion)
 
 
 def task_of(cfg: Config) -> Task:
@@ -470,10 +474,14 @@ def _run_steps(
         if student is not None:
             progress.event("training", step, done=0, total=plan.epochs, unit="epoch", real_images=len(real),
                            synthetic_images=len(fake) if fake else 0)
-            model = workers.trainer.train(StepJob(step, student, teacher, real, fake, plan, cfg))
+            trained = workers.trainer.train(StepJob(step, student, teacher, real, fake, plan, cfg, val=val))
+            model, matrix = trained.model, trained.confusion
+        else:
+            matrix = None
         train_seconds = time.perf_counter() - train_start
-        progress.event("evaluation", step, f"on {len(val)} validation images")
-        matrix = workers.evaluator.evaluate(cfg, model, val, n_seen + 1)
+        if matrix is None:  # a step-0 model loaded from a checkpoint, or a trainer that could not score it
+            progress.event("evaluation", step, f"on {len(val)} validation images")
+            matrix = workers.evaluator.evaluate(cfg, model, val, n_seen + 1)
         metrics = summarize(matrix, task.old_indices(step), task.new_indices(step))
         result = {
             "step": step,

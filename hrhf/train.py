@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from hrhf.config import Config, MethodConfig
 from hrhf.features import FeatureTap
@@ -69,6 +69,15 @@ class StepJob:
     fake: SyntheticData | None
     plan: StepPlan
     cfg: Config
+    val: Dataset | None = None  # when given, the trainer also scores the trained student on it
+
+
+@dataclass
+class TrainedStep:
+    """A trained student, and its confusion matrix on the job's validation set (None without one)."""
+
+    model: nn.Module
+    confusion: torch.Tensor | None = None
 
 
 def plan_step(cfg: Config, step: int, n_old: int, incremental: bool) -> StepPlan:
@@ -429,3 +438,19 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: i
         pred = predicted_classes(model(images.to(device))).cpu()
         confusion.update(pred, labels)
     return confusion.matrix
+
+
+def evaluate_share(
+    model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int, device: str, rank: int = 0, world: int = 1
+) -> torch.Tensor:
+    """The confusion matrix of ``dataset`` when each of ``world`` processes scores its contiguous share of it.
+
+    Under torch.distributed the shares' matrices are summed, so every process returns the whole matrix:
+    in eval mode each image's prediction is its own, and the sum equals ``evaluate`` over the whole set.
+    """
+    part = evaluate(model, Subset(dataset, range(len(dataset))[share(len(dataset), rank, world)]), num_classes,
+                    batch_size, device)
+    if world > 1:
+        part = part.to(device)
+        dist.all_reduce(part)
+    return part.cpu()

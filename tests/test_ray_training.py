@@ -17,7 +17,7 @@ from hrhf.data.incremental import StepDataset
 from hrhf.distributed.training import RayTrainer, load_train_state, train_loop_per_worker
 from hrhf.inversion import SyntheticSet
 from hrhf.models import build_model, widen_classifier
-from hrhf.pipeline import StepJob
+from hrhf.pipeline import StepJob, evaluate_step
 from hrhf.train import plan_step
 from hrhf.tasks import label_lut, make_task_from_steps
 
@@ -54,13 +54,24 @@ def changed(before: dict, model: torch.nn.Module) -> bool:
     return any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if v.is_floating_point())
 
 
+def validation_set(size: int = 21) -> StepDataset:
+    """A validation set of the step's classes (odd-sized: the two workers' shares differ by one image)."""
+    task = make_task_from_steps("shapes", [[1, 2, 3], [4, 5]], overlap=True)
+    source = make_source("shapes", "val", image_size=32, size=size, seed=0)
+    return StepDataset(source, range(len(source)), label_lut(task, 1, "eval"), transform=None)
+
+
 def test_mib_step_trains_with_ddp_and_keeps_the_last_checkpoint(tmp_path):
     job = make_job("mib")
+    job.val = validation_set()
     before = copy.deepcopy(job.student.state_dict())
     messages = []
     trainer = RayTrainer(num_workers=2, cpus_per_worker=0.5, storage_path=str(tmp_path), log=messages.append)
-    model = trainer.train(job)
+    trained = trainer.train(job)
+    model = trained.model
     assert model is job.student and changed(before, model)
+    # the two workers' summed scores are the in-process evaluation of the returned weights
+    assert torch.equal(trained.confusion, evaluate_step(job.cfg, model, job.val, 6))
     assert [re.match(r"\[step 1\] training epoch (\d/\d) .*\bloss=", m).group(1) for m in messages] == ["1/2", "2/2"]
     run = tmp_path / "step-1"
     assert run.is_dir() and len([p for p in run.glob("checkpoint_*") if p.is_dir()]) == 2
@@ -74,8 +85,8 @@ def test_mib_step_trains_with_ddp_and_keeps_the_last_checkpoint(tmp_path):
 def test_hrhf_step_mixes_in_the_fake_half(tmp_path):
     job = make_job("hrhf", epochs=1, fake_images=8)
     before = copy.deepcopy(job.student.state_dict())
-    model = RayTrainer(num_workers=2, cpus_per_worker=0.5, storage_path=str(tmp_path), log=lambda _: None).train(job)
-    assert changed(before, model)
+    trained = RayTrainer(num_workers=2, cpus_per_worker=0.5, storage_path=str(tmp_path), log=lambda _: None).train(job)
+    assert changed(before, trained.model) and trained.confusion is None  # no validation set, no score
     history = load_train_state(Result.from_path(str(tmp_path / "step-1")).checkpoint)["history"]
     assert len(history) == 1 and history[0]["kd_fake"] > 0 and history[0]["ce_fake"] > 0
 
@@ -110,7 +121,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
     flag, restored = tmp_path / "crashed", tmp_path / "restored.txt"
     trainer = RayTrainer(num_workers=2, cpus_per_worker=0.5, storage_path=str(tmp_path / "runs"),
                          log=lambda _: None, train_loop=crash_once(str(flag), str(restored)))
-    model = trainer.train(job)
+    model = trainer.train(job).model
     assert flag.exists()
     assert restored.read_text().split() == ["-1", "0"]  # first attempt from scratch, then from epoch 0
     state = load_train_state(Result.from_path(str(tmp_path / "runs" / "step-1")).checkpoint)

@@ -33,7 +33,6 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.util.queue import Queue
-from torch import nn
 from torch.utils.data import Dataset
 
 from hrhf.batchnorm import synchronise_batchnorm
@@ -46,11 +45,14 @@ from hrhf.shards import ShardStore, StoredSynthetic, decode_png, encode_png
 from hrhf.train import (
     StepJob,
     StepPlan,
+    TrainedStep,
     epoch_batches,
+    evaluate_share,
     item_batches,
     iters_per_epoch,
     make_optimizer,
     mixed_batches,
+    prediction_batch_size,
     real_batches,
     run_epochs,
     share,
@@ -80,6 +82,8 @@ class WorkerJob:
     sync_bn: bool
     progress: Any = None  # a ray.util.queue.Queue receiving rank 0's per-epoch metrics
     use_gpu: bool = False  # whether each worker reserves a GPU
+    val: Dataset | None = None  # scored after the last epoch, each worker on its share (items, not images)
+    val_batch_size: int = 1  # images per prediction batch (hrhf.train.prediction_batch_size)
 
 
 def real_schedule(num_items: int, plan: StepPlan, world: int) -> list[pa.Table]:
@@ -248,11 +252,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "iteration": iteration, **stats, "seconds_per_step": seconds / job.iters,
                    "peak_rss_mb": peak_rss_mb()}
         history.append(metrics)
+        confusion = None
+        if epoch == plan.epochs - 1 and job.val is not None:  # every rank scores its share; the sum reaches all
+            confusion = evaluate_share(net, job.val, job.student.num_outputs, job.val_batch_size, str(device), rank,
+                                       world)
         if rank == 0:
             if job.progress is not None:
                 job.progress.put(metrics)
             state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "iteration": iteration, "num_outputs": job.student.num_outputs, "history": history}
+                     "iteration": iteration, "num_outputs": job.student.num_outputs, "history": history,
+                     "confusion": confusion}
             with tempfile.TemporaryDirectory() as directory:
                 torch.save(state, os.path.join(directory, STATE_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -298,8 +307,9 @@ class RayTrainer:
         self.train_loop = train_loop
         self.history: list[dict[str, float]] = []  # per-epoch metrics of the last step trained
 
-    def train(self, job: StepJob) -> nn.Module:
-        """Fit ``job.student`` on the Ray cluster and return it with the last checkpoint's weights."""
+    def train(self, job: StepJob) -> TrainedStep:
+        """Fit ``job.student`` on the Ray cluster: it gets the last checkpoint's weights, scored on ``job.val``
+        by the workers when given (None when the checkpoint predates scoring)."""
         if self.storage_path is not None:
             return self._fit(job, self.storage_path)
         with tempfile.TemporaryDirectory(prefix="hrhf-train-") as directory:
@@ -320,6 +330,8 @@ class RayTrainer:
             sync_bn=job.cfg.train.sync_bn,
             progress=progress,
             use_gpu=bool(self.scaling_config().use_gpu),
+            val=job.val,
+            val_batch_size=prediction_batch_size(job.cfg),
         )
 
     def scaling_config(self) -> ray.train.ScalingConfig:
@@ -338,7 +350,7 @@ class RayTrainer:
                 f"step {plan.step} has {len(job.real)} training images, fewer than the {self.num_workers} workers"
             )
 
-    def _fit(self, job: StepJob, storage_path: str) -> nn.Module:
+    def _fit(self, job: StepJob, storage_path: str) -> TrainedStep:
         self._check(job)
         plan = job.plan
         datasets = {f"real-{rank}": ray.data.from_arrow(table)
@@ -382,7 +394,7 @@ class RayTrainer:
         state = load_train_state(result.checkpoint)
         job.student.load_state_dict(state["model"])
         self.history = state["history"]
-        return job.student
+        return TrainedStep(job.student, state.get("confusion"))
 
     def _relay(self, progress: Queue, job: StepJob, done: threading.Event) -> None:
         """Log rank 0's epoch metrics as they arrive, until the fit has returned and the queue is drained."""
