@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthesis-actors", type=int, default=2, help="parallel SegInversion actors")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--train-workers", type=int, default=1, help="Ray Train DDP workers")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--cpus-per-worker", type=float, default=None,
+                        help="CPUs of each train worker (its torch threads); default: 1 with --gpu, else the CPUs of "
+                             "the cluster's largest node shared by the workers")
     parser.add_argument("--gpu", action="store_true", help="one GPU per synthesis actor and per train worker")
     parser.add_argument("--shard-size", type=int, default=32, help="synthesis targets per shard")
     parser.add_argument("--sink", choices=("parquet", "object-store"), default="parquet",
@@ -74,13 +76,20 @@ def check_arguments(args: argparse.Namespace) -> None:
         if value < least:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     for name in ("cpus_per_actor", "cpus_per_worker", "lease_timeout"):
-        if not getattr(args, name) > 0:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.gpu and args.in_process:
         import torch
 
         if not torch.cuda.is_available():
             raise ValueError("--gpu with --in-process needs CUDA, and torch finds no CUDA device on this machine")
+
+
+def error_line(err: BaseException) -> str:
+    """The one line a user reads for an error, also when a Ray task or actor raised it (without Ray's traceback)."""
+    cause = getattr(err, "cause", None)  # a ray.exceptions.RayTaskError carries the exception raised remotely
+    shown = cause if isinstance(cause, BaseException) else err
+    return "error: " + (" ".join(str(shown).split()) or type(shown).__name__)
 
 
 def reference_names(args: argparse.Namespace) -> list[str]:
@@ -111,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.in_process:
             try:
                 connect_ray(args)
+                if args.cpus_per_worker is None:
+                    args.cpus_per_worker = default_cpus_per_worker(args)
                 check_run_dir_reaches_every_node(run_dir, args.shared_run_dir)
                 probe_storage(args, run_dir)
             except (ValueError, OSError) as err:
@@ -119,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = run_all(cfg, run_dir, references, args, progress, lease)
         except (NonFiniteError, LeaseHeldError, OSError) as err:  # OSError: disk full, storage gone, ...
-            print(f"error: {err}", file=sys.stderr)
+            print(error_line(err), file=sys.stderr)
             return 1
         except Exception as err:  # inside Ray or a storage client: the traceback stays for a bug report
             traceback.print_exc()
@@ -169,6 +180,20 @@ def connect_ray(args: argparse.Namespace) -> None:
         if most is not None and not most.get("GPU"):
             ray.shutdown()
             raise ValueError("--gpu: the Ray cluster has no GPU and its configuration cannot add any")
+
+
+def default_cpus_per_worker(args: argparse.Namespace) -> float:
+    """One CPU per GPU worker; without GPUs, the largest node's CPUs shared by the train workers (whole CPUs).
+
+    A worker's torch threads follow its CPUs, so on one machine a single worker computes as fast as the
+    job in process does.
+    """
+    import ray
+
+    if args.gpu:
+        return 1.0
+    largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
+    return float(max(1, int(largest) // args.train_workers))
 
 
 def check_run_dir_reaches_every_node(run_dir: str, shared: bool) -> None:

@@ -155,3 +155,40 @@ def test_corrupt_init_checkpoint(tmp_path, capsys):
 )
 def test_bad_reference(tmp_path, capsys, args, message):
     assert message in refused(capsys, tmp_path / "run", *args)
+
+
+@pytest.mark.parametrize(
+    "argv, cpus_of_nodes, expected",
+    [
+        ([], [2], 2.0),  # one worker takes the machine, as the job in process does
+        (["--train-workers", "2"], [2], 1.0),
+        (["--train-workers", "3"], [8, 16], 5.0),  # the largest node, whole CPUs
+        (["--train-workers", "4"], [2], 1.0),  # never below one CPU
+        (["--gpu"], [16], 1.0),
+    ],
+)
+def test_train_workers_default_to_the_largest_nodes_cpus(monkeypatch, argv, cpus_of_nodes, expected):
+    import ray
+
+    nodes = [{"Alive": True, "Resources": {"CPU": cpus}} for cpus in cpus_of_nodes]
+    nodes.append({"Alive": False, "Resources": {"CPU": 64}})  # a dead node counts for nothing
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    args = job.build_parser().parse_args(argv)
+    assert args.cpus_per_worker is None
+    assert job.default_cpus_per_worker(args) == expected
+
+
+def test_a_storage_error_raised_in_an_actor_reads_as_one_line():
+    from ray.exceptions import RayTaskError
+
+    cause = FileNotFoundError(2, "No such file or directory", "s3://bucket/run/synthetic/step-1/shard-0.parquet")
+    try:
+        raise cause
+    except FileNotFoundError:
+        import traceback
+
+        remote = RayTaskError("SynthesisActor.run_shard", traceback.format_exc(), cause).as_instanceof_cause()
+    assert isinstance(remote, OSError) and len(str(remote).splitlines()) > 2  # what the job catches, as Ray raises it
+    line = job.error_line(remote)
+    assert line == "error: [Errno 2] No such file or directory: 's3://bucket/run/synthetic/step-1/shard-0.parquet'"
+    assert job.error_line(ValueError("bad\nvalue")) == "error: bad value"

@@ -21,8 +21,7 @@ from conftest import PYTHON, ROOT, free_port, make_bucket
 pytestmark = pytest.mark.slow
 
 # Slow enough synthesis (one target per shard, 150 iterations) that a kill lands in the middle of it; the tests that
-# need it check that it did. Faster synthesis moves the S3 test's failure into a synthesis actor, whose error the
-# job does not print as one "error: " line.
+# need it check that it did.
 JOB_ARGS = ["--preset", "smoke", "--set", "inversion.iterations=150", "--shard-size", "1", "--synthesis-actors", "2",
             "--cpus-per-actor", "0.5", "--train-workers", "1", "--cpus-per-worker", "1", "--quiet",
             "--shared-run-dir"]  # both nodes of the test cluster are this machine
