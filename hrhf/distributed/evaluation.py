@@ -80,8 +80,8 @@ class RayEvaluator:
                                    "min_share": min_share},
             batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=max(1, min(self.num_actors, -(-len(dataset) // batch_size)))),
-            num_cpus=self.cpus_per_actor,
-            num_gpus=1 if self.use_gpu else 0,
+            # a GPU actor reserves its GPU only: Ray Data warns that CPUs and GPUs together are experimental
+            **({"num_gpus": 1} if self.use_gpu else {"num_cpus": self.cpus_per_actor}),
         )
         total = np.zeros(size, dtype=np.int64)
         for row in counts.iter_rows():
