@@ -4,7 +4,9 @@
     python benchmarks/ray_scaling.py --job-preset smoke  # quicker
 
 1. Wall time of jobs/incremental.py submitted with `ray job submit` to a local `ray start --head`
-   cluster vs the same config run in-process (`--in-process`), ratio ray / in-process.
+   cluster of this machine's 2 CPUs vs the same config run in-process (`--in-process`), ratio ray /
+   in-process: the job's own defaults (2 synthesis actors of one CPU, one train worker taking both
+   CPUs), and with `--job-train-workers 2` two DDP workers of one CPU each.
 2. SegInversion images/s through the actor pool with 1 and with 2 actors of one CPU each, ratio.
 3. DDP step time of the Ray Train trainer with 1 and with 2 workers of one CPU each (same global batch),
    ratio 1 worker / 2 workers (the speed-up).
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def job_wall_times(preset: str, workdir: Path) -> dict[str, float]:
+def job_wall_times(preset: str, workdir: Path, train_workers: int | None = None) -> dict[str, float]:
     """Seconds for the job through `ray job submit` and in-process, same config and machine."""
     job = [sys.executable, "jobs/incremental.py", "--preset", preset]
     start = time.perf_counter()
@@ -49,8 +51,8 @@ def job_wall_times(preset: str, workdir: Path) -> dict[str, float]:
         start = time.perf_counter()
         subprocess.run(
             [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT), "--",
-             *job, "--run-dir", str(workdir / "ray"), "--synthesis-actors", "2", "--train-workers", "2",
-             "--cpus-per-worker", "1"],
+             *job, "--run-dir", str(workdir / "ray"),
+             *([] if train_workers is None else ["--train-workers", str(train_workers), "--cpus-per-worker", "1"])],
             cwd=ROOT, check=True, env=env, capture_output=True,
         )
         on_ray = time.perf_counter() - start
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the three measurements and print them; --json writes them too."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job-preset", default="default", help="preset of the job timing (default: default)")
+    parser.add_argument("--job-train-workers", type=int, default=None,
+                        help="train workers of one CPU each for the submitted job (default: the job's own default)")
     parser.add_argument("--skip-job", action="store_true", help="leave out the job wall-time comparison")
     parser.add_argument("--only-job", action="store_true", help="only the job wall-time comparison")
     parser.add_argument("--json", default=None)
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         figures.update(ddp_step_times())
     if not args.skip_job:
         with tempfile.TemporaryDirectory() as workdir:
-            figures.update(job_wall_times(args.job_preset, Path(workdir)))
+            figures.update(job_wall_times(args.job_preset, Path(workdir), args.job_train_workers))
     print(f"Command: `python benchmarks/ray_scaling.py {' '.join(argv if argv is not None else sys.argv[1:])}`".strip())
     print("\n| figure | value |\n|---|---|")
     for key, value in figures.items():
