@@ -46,6 +46,7 @@ class TrainConfig:
 
     epochs_base: int = 24
     epochs_step: int = 20
+    min_iters_step: int = 400  # incremental steps: epochs are added until a step makes at least this many updates
     batch_size: int = 32
     lr_base: float = 0.05
     lr_step: float = 0.01
@@ -123,7 +124,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "data": {"train_size": 160, "val_size": 48, "image_size": 48},
         "model": {"width": 8},
-        "train": {"epochs_base": 1, "epochs_step": 1, "batch_size": 16},
+        "train": {"epochs_base": 1, "epochs_step": 1, "min_iters_step": 0, "batch_size": 16},
         "inversion": {"iterations": 4, "batch_size": 16, "scales": [0.1, 0.4], "images_per_scale": 1},
     },
 }
@@ -148,9 +149,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 AT_LEAST_ONE = ("train.epochs_base", "train.epochs_step", "train.batch_size", "inversion.batch_size",
                 "inversion.images_per_scale", "data.image_size", "data.train_size", "data.val_size", "model.width")
 POSITIVE = ("train.lr_base", "train.lr_step", "train.head_lr_mult", "inversion.lr", "method.kd_temperature")
-NON_NEGATIVE = ("train.weight_decay", "train.clip_grad", "train.num_workers", "inversion.iterations",
-                "inversion.w_bn", "inversion.first_bn_mult", "inversion.w_tv", "inversion.w_l2", "inversion.jitter",
-                "method.w_kd_real", "method.w_fake", "method.w_ce_fake", "method.w_pod")
+NON_NEGATIVE = ("train.weight_decay", "train.min_iters_step", "train.clip_grad", "train.num_workers",
+                "inversion.iterations", "inversion.w_bn", "inversion.first_bn_mult", "inversion.w_tv", "inversion.w_l2",
+                "inversion.jitter", "method.w_kd_real", "method.w_fake", "method.w_ce_fake", "method.w_pod")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -186,6 +186,13 @@ def step_datasets(cfg: Config, task: Task, step: int, sources: tuple[Dataset, Da
     return build_step_datasets(sources[0], sources[1], task, step, mode, train_tf, eval_tf, cache_dir=data.cache_dir)
 
 
+def incremental_epochs(cfg: Config, step: int) -> int:
+    """Epochs incremental ``step`` of the configured protocol trains for, ``train.min_iters_step`` included."""
+    task = task_of(cfg)
+    real, _ = step_datasets(cfg, task, step, sources_of(cfg))
+    return plan_step(cfg, step, n_old=len(task.old_classes(step)), incremental=True, num_real=len(real)).epochs
+
+
 def evaluate_step(cfg: Config, model: nn.Module, val: Dataset, num_classes: int) -> torch.Tensor:
     """Confusion matrix on a step's validation set, on the config's device; real images (mixed sizes) one at a time."""
     return evaluate(model, val, num_classes, batch_size=prediction_batch_size(cfg), device=cfg.device)
@@ -459,7 +466,7 @@ def _run_steps(
         else:
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
             student = widen_classifier(copy.deepcopy(model), len(task.new_classes(step)), cfg.method.init)
-            plan = plan_step(cfg, step, n_old=n_old, incremental=True)
+            plan = plan_step(cfg, step, n_old=n_old, incremental=True, num_real=len(real))
             if cfg.method.fake:
                 synth_start = time.perf_counter()
                 budget = synthesis_budget(cfg, teacher, real, n_old, workers.evaluator)

@@ -80,14 +80,23 @@ class TrainedStep:
     confusion: torch.Tensor | None = None
 
 
-def plan_step(cfg: Config, step: int, n_old: int, incremental: bool) -> StepPlan:
-    """The plan of a step: base settings on step 0 and joint training, incremental ones after."""
+def plan_step(cfg: Config, step: int, n_old: int, incremental: bool, num_real: int | None = None) -> StepPlan:
+    """The plan of a step: base settings on step 0 and joint training, incremental ones after.
+
+    With ``num_real`` (the step's real training images), an incremental step gets the epochs of
+    ``step_epochs``, so that a step with few images still makes ``train.min_iters_step`` updates.
+    """
     train = cfg.train
+    epochs = train.epochs_base
+    if incremental:
+        epochs = train.epochs_step
+        if num_real is not None:
+            epochs = step_epochs(train.epochs_step, train.min_iters_step, num_real, train.batch_size)
     return StepPlan(
         step=step,
         method=cfg.method,
         n_old=n_old,
-        epochs=train.epochs_step if incremental else train.epochs_base,
+        epochs=epochs,
         lr=train.lr_step if incremental else train.lr_base,
         batch_size=train.batch_size,
         weight_decay=train.weight_decay,
@@ -114,6 +123,11 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int) -> lis
 def iters_per_epoch(num_items: int, batch_size: int) -> int:
     """How many global batches an epoch of ``num_items`` images holds."""
     return 1 if num_items <= batch_size else num_items // batch_size
+
+
+def step_epochs(epochs: int, min_iters: int, num_items: int, batch_size: int) -> int:
+    """``epochs``, raised to the fewest epochs over ``num_items`` images that make at least ``min_iters`` updates."""
+    return max(epochs, math.ceil(min_iters / iters_per_epoch(num_items, batch_size)))
 
 
 def share(count: int, rank: int, world: int) -> slice:
