@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         trial_config,
         write_results,
     )
+    from hrhf.pipeline import incremental_epochs
     from hrhf.report import sweep_markdown
 
     progress = progress_from_args(args)
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         tuner = resume_tuner(run_dir, trainable)
         progress.event("run", None, f"resumed the sweep in {run_dir}/sweep: {finished_trials(tuner)} trials already finished")
     else:
-        tuner = new_tuner(trainable, run_dir, cfg.train.epochs_step, num_samples=args.num_samples, seed=cfg.seed)
+        # ASHA's last rung must be the step's last epoch, where a trial saves its checkpoint
+        tuner = new_tuner(trainable, run_dir, incremental_epochs(cfg, 1), num_samples=args.num_samples, seed=cfg.seed)
         progress.event("run", None, f"sweeping {args.num_samples} trials from {base}")
     results = tuner.fit()
     rows = results_table(results)
