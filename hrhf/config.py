@@ -46,7 +46,7 @@ class TrainConfig:
 
     epochs_base: int = 24
     epochs_step: int = 20
-    min_iters_step: int = 400  # incremental steps: epochs are added until a step makes at least this many updates
+    min_iters_step: int = 0  # incremental steps: epochs are added until a step makes at least this many updates
     batch_size: int = 32
     lr_base: float = 0.05
     lr_step: float = 0.01
@@ -124,7 +124,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "data": {"train_size": 160, "val_size": 48, "image_size": 48},
         "model": {"width": 8},
-        "train": {"epochs_base": 1, "epochs_step": 1, "min_iters_step": 0, "batch_size": 16},
+        "train": {"epochs_base": 1, "epochs_step": 1, "batch_size": 16},
         "inversion": {"iterations": 4, "batch_size": 16, "scales": [0.1, 0.4], "images_per_scale": 1},
     },
 }
