@@ -163,12 +163,16 @@ def checks(summary: dict) -> str:
     for protocol, s in summary.items():
         if {"hrhf", "mib", "joint"} <= set(s):
             h, m, j = s["hrhf"], s["mib"], s["joint"]
+            gain = 10 if protocol == "5-1" else 5  # the long protocol is where replay must pay most
             lines += [
-                f"- {protocol}: HRHF old - MiB old = {100 * (h['old'] - m['old']):+.1f} points (goal >= +5)",
-                f"- {protocol}: HRHF old / joint old = {h['old'] / j['old']:.2f} (goal >= 0.80)",
+                f"- {protocol}: HRHF old - MiB old = {100 * (h['old'] - m['old']):+.1f} points (goal >= +{gain})",
+                f"- {protocol}: HRHF old / joint old = {h['old'] / j['old']:.2f} (goal >= 0.75)",
                 f"- {protocol}: HRHF new / joint new = {h['new'] / j['new']:.2f} (goal >= 0.60)",
                 f"- {protocol}: HRHF all - MiB all = {100 * (h['all'] - m['all']):+.1f} points (goal > 0)",
             ]
+        if {"hrhf", "plop"} <= set(s):
+            lines.append(f"- {protocol}: HRHF all - PLOP all = {100 * (s['hrhf']['all'] - s['plop']['all']):+.1f} "
+                         "points (goal >= 0)")
         if {"ft", "joint"} <= set(s):
             lines.append(f"- {protocol}: FT old / joint old = {s['ft']['old'] / s['joint']['old']:.2f} (forgetting)")
     return "\n".join(lines)
