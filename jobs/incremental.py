@@ -162,11 +162,9 @@ def connect_ray(args: argparse.Namespace) -> None:
     """Connect to (or start) Ray; ValueError when --gpu asks for GPUs that this cluster can never have."""
     import ray
 
-    from hrhf.distributed import normal_worker_priority, quiet_ray_output
+    from hrhf.distributed import normal_worker_priority, quiet_ray_output, ray_train_settings
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    # Ray Train's controller sees a finished worker group at its next poll (every 2 s by default), once per step
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    ray_train_settings()
     # The job's output holds the job's own lines (its progress events all come from this driver); what
     # Ray's actors, workers and Ray Data print stays in Ray's logs unless --worker-logs asks for it.
     normal_worker_priority()  # for a Ray started here; a cluster's start commands set it for theirs

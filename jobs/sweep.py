@@ -61,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     # Every trial checkpoints once, and Tune saves its experiment state after each checkpoint (so that a
     # resumed sweep knows them all); trials that end together make Tune warn about that, needlessly.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    from hrhf.distributed import normal_worker_priority
+    from hrhf.distributed import normal_worker_priority, ray_train_settings
 
     normal_worker_priority()
+    ray_train_settings()
     ray.init(address=args.address, log_to_driver=False)
     base = args.base_checkpoint
     if base is None:

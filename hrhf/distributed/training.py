@@ -353,7 +353,8 @@ class RayTrainer:
     def _fit(self, job: StepJob, storage_path: str) -> TrainedStep:
         self._check(job)
         plan = job.plan
-        datasets = {f"real-{rank}": ray.data.from_arrow(table)
+        # from_items builds the block and its metadata here; from_arrow would start a task (a process) for them
+        datasets = {f"real-{rank}": ray.data.from_items(table.to_pylist(), override_num_blocks=1)
                     for rank, table in enumerate(real_schedule(len(job.real), plan, self.num_workers))}
         progress = Queue(actor_options={"num_cpus": 0})
         trainer = ray.train.torch.TorchTrainer(
