@@ -54,3 +54,30 @@ def test_predicted_classes_is_argmax_with_first_maximum_on_ties():
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 7, 9).round()  # rounding makes ties
     assert torch.equal(losses.predicted_classes(logits), logits.argmax(dim=1))
+
+
+def test_unbiased_terms_match_their_definition_in_probability_space():
+    # MiB's terms written out with probabilities: bg+old (CE) and bg+new (KD) merged by summing softmax mass
+    gen = torch.Generator().manual_seed(0)
+    n_old, temperature = 2, 2.0
+    logits = torch.randn(2, 5, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, n_old + 1, 4, 4, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 4, 4), generator=gen)
+    labels[0, 0] = 255
+
+    p = logits.softmax(dim=1)
+    merged = torch.cat([p[:, : n_old + 1].sum(1, keepdim=True), p[:, n_old + 1 :]], dim=1)
+    target = torch.where(labels <= n_old, 0, labels - n_old)
+    valid = labels != 255
+    picked = merged.gather(1, target.clamp_max(merged.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    ce_expected = -picked.log()[valid].mean()
+
+    q = (logits / temperature).softmax(dim=1)
+    q_merged = torch.cat([q[:, :1] + q[:, n_old + 1 :].sum(1, keepdim=True), q[:, 1 : n_old + 1]], dim=1)
+    t = (teacher / temperature).softmax(dim=1)
+    kd_expected = (t * (t.log() - q_merged.log())).sum(1).mean() * temperature**2
+
+    for got, expected in ((losses.unbiased_cross_entropy(logits, labels, n_old), ce_expected),
+                          (losses.unbiased_knowledge_distillation(logits, teacher, temperature), kd_expected)):
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(torch.autograd.grad(got, logits)[0], torch.autograd.grad(expected, logits)[0])
