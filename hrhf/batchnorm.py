@@ -58,8 +58,7 @@ class LeadingRowStatistics:
     """Moves the running statistics of a model's BatchNorm layers with the first ``rows`` images of each batch only.
 
     The layers still normalise with the statistics of the whole batch. Set ``rows`` before a training
-    forward and call ``update()`` after its backward pass (BatchNorm's backward refuses running statistics
-    changed since the forward); with ``rows`` None the layers behave as usual. Under
+    forward and call ``update()`` after it; with ``rows`` None the layers behave as usual. Under
     torch.distributed the leading rows of every process count, as one process holding the global batch would.
     """
 

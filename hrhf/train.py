@@ -269,6 +269,8 @@ def train_steps(
             if real_stats is not None:
                 real_stats.rows = n_real if fake_images is not None else None
             outputs = student(inputs)
+            if real_stats is not None:
+                real_stats.update()
             teacher_out = None
             if teacher is not None and (use_teacher_real or fake_images is not None):
                 with torch.no_grad():
@@ -298,8 +300,6 @@ def train_steps(
                 raise NonFiniteError(f"iteration {it}: non-finite loss ({terms})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if real_stats is not None:
-                real_stats.update()  # after backward: BatchNorm's backward reads the running statistics' versions
             # The norm is computed even without clipping: a non-finite gradient must stop the step, not reach the weights.
             clip = plan.clip_grad if plan.clip_grad > 0 else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), clip))
