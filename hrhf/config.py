@@ -56,9 +56,6 @@ class TrainConfig:
     head_lr_mult: float = 10.0
     clip_grad: float = 1.0
     freeze_bn: bool = False  # keep BatchNorm statistics of the previous model
-    # Incremental steps with a synthetic half: BatchNorm running statistics from the whole batch ("batch")
-    # or from its real half only ("real"), the images the model is evaluated on; both normalise with the whole batch.
-    bn_stats: str = "batch"
     sync_bn: bool = True  # Ray Train: BatchNorm statistics of the global batch, not of each worker's share
     init_checkpoint: str | None = None  # a step-0 checkpoint to start from instead of training step 0
 
@@ -146,7 +143,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.ce": ("plain", "unbiased", "pseudo", "plop"),
     "method.kd_real": ("none", "plain", "unbiased"),
     "method.init": ("mib", "random"),
-    "train.bn_stats": ("batch", "real"),
 }
 
 

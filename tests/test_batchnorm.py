@@ -62,37 +62,3 @@ def _net_with(net: nn.Module) -> nn.Module:
     copy = _net()
     copy.load_state_dict(net.state_dict())
     return copy
-
-
-def test_leading_row_statistics_move_running_stats_with_the_leading_rows_only():
-    from hrhf.batchnorm import LeadingRowStatistics
-
-    x = _batch()
-    net, on_rows, on_all = _net(), _net(), _net()
-    stats = LeadingRowStatistics(net)
-    stats.rows = 3
-    out = net(x)
-    stats.update()
-    on_rows(x[:3])
-    expected = on_all(x)
-    torch.testing.assert_close(out, expected)  # normalised with the whole batch
-    for name in ("running_mean", "running_var"):
-        torch.testing.assert_close(getattr(net[1], name), getattr(on_rows[1], name))
-        assert not torch.allclose(getattr(net[1], name), getattr(on_all[1], name))
-    stats.rows = None  # off: the usual update from the whole batch
-    net(x)
-    stats.update()
-    on_rows(x)
-    torch.testing.assert_close(net[1].running_mean, on_rows[1].running_mean)
-    stats.remove()
-    assert not net[1]._forward_pre_hooks
-
-
-def test_real_bn_stats_only_on_incremental_steps():
-    from hrhf.config import load_config
-    from hrhf.train import plan_step
-
-    cfg = load_config(overrides=["train.bn_stats=real"])
-    assert plan_step(cfg, 1, n_old=6, incremental=True).real_bn_stats
-    assert not plan_step(cfg, 0, n_old=0, incremental=False).real_bn_stats
-    assert not plan_step(load_config(), 1, n_old=6, incremental=True).real_bn_stats
