@@ -62,3 +62,57 @@ def _net_with(net: nn.Module) -> nn.Module:
     copy = _net()
     copy.load_state_dict(net.state_dict())
     return copy
+
+
+def test_split_batch_statistics_keep_the_two_parts_apart():
+    import copy
+
+    from hrhf.batchnorm import SplitBatchStatistics
+
+    net = _net()
+    first_only, rest_only, whole = copy.deepcopy(net), copy.deepcopy(net), copy.deepcopy(net)
+    x = _batch()
+    x[5:] = x[5:] * 3 + 2  # the second part's statistics differ from the first's
+    split = SplitBatchStatistics(net)
+    split.rows = 5
+    out = net(x)
+    out.sum().backward()
+    torch.testing.assert_close(out[:5], first_only(x[:5]))  # each part normalised with its own statistics
+    torch.testing.assert_close(out[5:], rest_only(x[5:]))
+    torch.testing.assert_close(net[1].running_mean, first_only[1].running_mean)  # only the first part moves them
+    torch.testing.assert_close(net[1].running_var, first_only[1].running_var)
+    assert net[1].momentum == first_only[1].momentum
+    split.rows = None  # off: the usual layer over the whole batch
+    whole[1].load_state_dict(net[1].state_dict())
+    torch.testing.assert_close(net(x), whole(x))
+    split.remove()
+    assert "forward" not in vars(net[1])
+
+
+def test_train_steps_with_split_bn_train_and_leave_the_model_as_it_was_built():
+    import copy
+
+    from hrhf.config import load_config
+    from hrhf.models import build_model, widen_classifier
+    from hrhf.schedule import warmup_cosine
+    from hrhf.train import make_optimizer, plan_step, train_steps
+
+    torch.manual_seed(0)
+    teacher = build_model("small", 3, width=4).eval()
+    real, fake = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16) * 3 + 2
+    labels = torch.randint(0, 4, (4, 16, 16))
+    running = {}
+    for split_bn in (True, False):
+        cfg = load_config("smoke", method="hrhf", overrides=[f"train.split_bn={split_bn}"])
+        plan = plan_step(cfg, 1, n_old=2, incremental=True)
+        assert plan.split_bn is split_bn and not plan_step(cfg, 0, n_old=0, incremental=False).split_bn
+        student = widen_classifier(copy.deepcopy(teacher), 1).train().requires_grad_(True)
+        optimizer = make_optimizer(student, 0.0, 0.0)  # no weight moves: only the statistics differ
+        train_steps(student, teacher, [(real, labels, fake)], optimizer, warmup_cosine(0.0, 1, 30), 0, plan)
+        running[split_bn] = next(m for m in student.modules() if isinstance(m, nn.BatchNorm2d)).running_mean.clone()
+        assert not any("forward" in vars(m) for m in student.modules())
+    reference = copy.deepcopy(teacher).train()
+    reference(real)  # a training forward of the real half alone
+    torch.testing.assert_close(running[True], next(m for m in reference.modules()
+                                                   if isinstance(m, nn.BatchNorm2d)).running_mean)
+    assert not torch.allclose(running[True], running[False])
