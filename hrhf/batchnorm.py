@@ -7,8 +7,6 @@ statistics of the whole global batch too, as a single process would.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -54,42 +52,3 @@ def synchronise_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
         else:
             synchronise_batchnorm(child, device)
     return model
-
-
-class SplitBatchStatistics:
-    """While ``rows`` is set, a model's BatchNorm layers in training normalise the first ``rows`` images of a
-    batch and the rest each with their own statistics, and only the first rows move the running statistics.
-
-    For half-real half-fake batches: the real half is normalised in training as the running statistics
-    will normalise real images at evaluation, and synthetic images, whose statistics differ, neither shift
-    the real half's normalisation nor the running statistics. Under torch.distributed every process must
-    hold rows of both parts (each part's statistics are reduced over the group separately).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.rows: int | None = None
-        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        for layer in self.layers:
-            layer.forward = self._split_forward(layer)  # an instance attribute, removed by remove()
-
-    def _split_forward(self, layer: nn.modules.batchnorm._BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
-        plain = type(layer).forward.__get__(layer)
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            if self.rows is None or not layer.training:
-                return plain(x)
-            first = plain(x[: self.rows])
-            momentum = layer.momentum
-            layer.momentum = 0.0  # the rest: its own batch statistics, running statistics left as they are
-            try:
-                rest = plain(x[self.rows :])
-            finally:
-                layer.momentum = momentum
-            return torch.cat([first, rest])
-
-        return forward
-
-    def remove(self) -> None:
-        """Give the layers their own forward back."""
-        for layer in self.layers:
-            del layer.forward

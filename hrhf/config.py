@@ -56,9 +56,6 @@ class TrainConfig:
     head_lr_mult: float = 10.0
     clip_grad: float = 1.0
     freeze_bn: bool = False  # keep BatchNorm statistics of the previous model
-    # Incremental steps with a synthetic half: BatchNorm normalises the real and the synthetic half each
-    # with its own statistics in training, and only the real half moves the running statistics.
-    split_bn: bool = False
     sync_bn: bool = True  # Ray Train: BatchNorm statistics of the global batch, not of each worker's share
     init_checkpoint: str | None = None  # a step-0 checkpoint to start from instead of training step 0
 

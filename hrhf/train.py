@@ -23,7 +23,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from hrhf.batchnorm import SplitBatchStatistics
 from hrhf.config import Config, MethodConfig
 from hrhf.features import FeatureTap
 from hrhf.inversion import NonFiniteError, SyntheticData, SyntheticSet
@@ -50,7 +49,6 @@ class StepPlan:
     weight_decay: float
     seed: int
     freeze_bn: bool = False  # keep BatchNorm layers on their running statistics
-    split_bn: bool = False  # BatchNorm statistics of the real and the synthetic half kept apart
     clip_grad: float = 0.0  # > 0: clip the gradient norm
     head_lr_mult: float = 1.0  # learning-rate multiplier of the classifier
 
@@ -104,7 +102,6 @@ def plan_step(cfg: Config, step: int, n_old: int, incremental: bool, num_real: i
         weight_decay=train.weight_decay,
         seed=cfg.seed * 100 + step,
         freeze_bn=train.freeze_bn and incremental,
-        split_bn=train.split_bn and incremental,
         clip_grad=train.clip_grad if incremental else 0.0,
         head_lr_mult=train.head_lr_mult if incremental else 1.0,
     )
@@ -239,8 +236,7 @@ def train_steps(
     """Run the shared step loss over ``batches``; returns the next iteration index and mean loss parts.
 
     ``plan.freeze_bn`` keeps BatchNorm layers on their running statistics (still training their affine
-    weights), so that neither a shift in the step's data nor the synthetic half moves them;
-    ``plan.split_bn`` keeps the real and the synthetic half's statistics apart (SplitBatchStatistics).
+    weights), so that neither a shift in the step's data nor the synthetic half moves them.
     ``plan.clip_grad`` > 0 clips the gradient norm, which keeps rare loss spikes from wiping out a step.
     A non-finite loss or gradient raises NonFiniteError before the optimiser steps.
     ``thresholds`` are PLOP's entropy thresholds of the step (ce == "plop"); with ``method.pod`` the
@@ -258,7 +254,6 @@ def train_steps(
     use_teacher_real = teacher is not None and needs_teacher_on_real(method)
     use_pod = method.pod and teacher is not None and plan.n_old > 0 and not method.joint
     taps = (FeatureTap(student), FeatureTap(teacher)) if use_pod else ()
-    split = SplitBatchStatistics(student) if plan.split_bn and not plan.freeze_bn else None
     try:
         for images, labels, fake_images in batches:
             for group in optimizer.param_groups:
@@ -266,8 +261,6 @@ def train_steps(
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             n_real = len(images)
             inputs = images if fake_images is None else torch.cat([images, fake_images.to(device)])
-            if split is not None:
-                split.rows = None if fake_images is None else n_real
             outputs = student(inputs)
             teacher_out = None
             if teacher is not None and (use_teacher_real or fake_images is not None):
@@ -313,8 +306,6 @@ def train_steps(
     finally:
         for tap in taps:
             tap.remove()
-        if split is not None:
-            split.remove()
     return it, {name: value / max(count, 1) for name, value in totals.items()}
 
 

@@ -157,21 +157,3 @@ def test_non_finite_loss_in_a_worker_reaches_the_driver_as_such(tmp_path):
 
     with pytest.raises(NonFiniteError, match=r"step 1, epoch 1/1, rank 0, iteration 3: non-finite loss"):
         train_with_loop(tmp_path, exploding_loop)
-
-
-def test_split_bn_is_refused_when_a_worker_would_get_no_synthetic_image():
-    import dataclasses
-
-    from hrhf.config import load_config
-    from hrhf.distributed.training import RayTrainer
-    from hrhf.train import StepJob, plan_step
-
-    cfg = load_config("smoke", method="hrhf", overrides=["train.split_bn=true", "train.batch_size=4",
-                                                         "method.fake_ratio=0.2"])
-    plan = plan_step(cfg, 1, n_old=2, incremental=True)
-    assert plan.fake_per_batch == 1
-    job = StepJob(1, None, None, list(range(8)), None, plan, cfg)
-    with pytest.raises(ValueError, match="synthetic images on every worker"):
-        RayTrainer(num_workers=2)._check(job)
-    RayTrainer(num_workers=1)._check(job)
-    RayTrainer(num_workers=2)._check(dataclasses.replace(job, plan=dataclasses.replace(plan, split_bn=False)))

@@ -345,9 +345,6 @@ class RayTrainer:
         if plan.batch_size % self.num_workers:
             raise ValueError(f"the global batch of {plan.batch_size} images does not split evenly over "
                              f"{self.num_workers} workers; choose a batch size divisible by the worker count")
-        if plan.split_bn and 0 < plan.fake_per_batch < self.num_workers:
-            raise ValueError(f"train.split_bn needs synthetic images on every worker: {plan.fake_per_batch} per global "
-                             f"batch for {self.num_workers} workers; raise method.fake_ratio or train.batch_size")
         if len(job.real) < self.num_workers:
             raise ValueError(
                 f"step {plan.step} has {len(job.real)} training images, fewer than the {self.num_workers} workers"
