@@ -178,6 +178,22 @@ def checks(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def per_seed_gains(results: dict) -> str:
+    """HRHF old - MiB old on each seed (both from the same step-0 model), with the mean and the minimum."""
+    lines = []
+    for protocol, by_method in results.items():
+        if not {"hrhf", "mib"} <= set(by_method):
+            continue
+        old = {method: {r["config"]["seed"]: r["steps"][-1]["metrics"]["old"] for r in by_method[method]}
+               for method in ("hrhf", "mib")}
+        seeds = sorted(set(old["hrhf"]) & set(old["mib"]))
+        gains = [100 * (old["hrhf"][seed] - old["mib"][seed]) for seed in seeds]
+        listed = ", ".join(f"seed {seed} {gain:+.1f}" for seed, gain in zip(seeds, gains))
+        lines.append(f"- {protocol}: HRHF old - MiB old per seed: {listed}; mean {statistics.mean(gains):+.1f}, "
+                     f"minimum {min(gains):+.1f} points")
+    return "\n".join(lines)
+
+
 ABLATION_SCALES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 AGGREGATIONS = ("saa", "gap", "gmp")
 
@@ -305,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nPer step (joint: last step only):\n")
     print(per_step_table(results))
     print("\n" + checks(summary))
+    print(per_seed_gains(results))
     print("\nTraining images of each step that show an old class:\n")
     print(old_object_shares(args))
     if args.json:
