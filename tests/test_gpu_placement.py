@@ -163,6 +163,18 @@ def test_a_gpu_request_without_a_reserved_gpu_fails_clearly(cluster):
     assert ray.get(resolve.remote(False)) == "cpu"
 
 
+def test_progress_queues_stay_on_the_drivers_node(cluster):
+    driver_node = ray.get_runtime_context().get_node_id()
+    queues = [RayTrainer().progress_queue() for _ in range(6)]
+    try:
+        nodes = ray.get([q.actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
+                         for q in queues])
+    finally:
+        for q in queues:
+            ray.kill(q.actor)
+    assert driver_node != cluster.gpu_node_id and set(nodes) == {driver_node}
+
+
 def test_ray_trainer_reserves_one_gpu_per_worker():
     scaling = RayTrainer(num_workers=2, use_gpu=True, cpus_per_worker=0.5).scaling_config()
     assert scaling.num_workers == 2 and scaling.use_gpu and scaling.num_gpus_per_worker == 1

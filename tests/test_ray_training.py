@@ -91,6 +91,25 @@ def test_hrhf_step_mixes_in_the_fake_half(tmp_path):
     assert len(history) == 1 and history[0]["kd_fake"] > 0 and history[0]["ce_fake"] > 0
 
 
+class LostProgressTrainer(RayTrainer):
+    """A RayTrainer whose progress queue is gone before the fit starts, as when its node is lost."""
+
+    def progress_queue(self):
+        """A queue whose actor has been killed."""
+        progress = super().progress_queue()
+        ray.kill(progress.actor)
+        return progress
+
+
+def test_training_goes_on_without_its_progress_queue(tmp_path):
+    job = make_job("mib", epochs=2)
+    before = copy.deepcopy(job.student.state_dict())
+    trainer = LostProgressTrainer(num_workers=1, cpus_per_worker=0.5, storage_path=str(tmp_path), max_failures=0,
+                                  log=lambda _: None)
+    assert changed(before, trainer.train(job).model)
+    assert [h["epoch"] for h in trainer.history] == [0, 1]
+
+
 def crash_once(flag, restored):
     """The real loop; rank 1 dies once, a few seconds after the epoch-0 report, i.e. during epoch 1."""
 

@@ -33,6 +33,7 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.util.queue import Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from torch.utils.data import Dataset
 
 from hrhf.batchnorm import synchronise_batchnorm
@@ -246,8 +247,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def batches_of_epoch(epoch: int) -> Iterator:
         return mixed_batches(real.epoch(epoch), fake, plan, epoch, job.iters, rank, world)
 
+    progress = job.progress
+
     def on_epoch(epoch: int, iteration: int, stats: dict[str, float]) -> None:
-        nonlocal epoch_start
+        nonlocal epoch_start, progress
         seconds = time.perf_counter() - epoch_start
         metrics = {"epoch": epoch, "iteration": iteration, **stats, "seconds_per_step": seconds / job.iters,
                    "peak_rss_mb": peak_rss_mb()}
@@ -257,8 +260,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             confusion = evaluate_share(net, job.val, job.student.num_outputs, job.val_batch_size, str(device), rank,
                                        world)
         if rank == 0:
-            if job.progress is not None:
-                job.progress.put(metrics)
+            if progress is not None:
+                progress = report_progress(progress, metrics)
             state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                      "iteration": iteration, "num_outputs": job.student.num_outputs, "history": history,
                      "confusion": confusion}
@@ -274,6 +277,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    threshold_batches=lambda: real_batches(job.real, plan, 0, rank=rank, world=world))
     except NonFiniteError as err:
         raise NonFiniteError(f"step {plan.step}, rank {rank}, {err}") from None
+
+
+def report_progress(progress: Queue, metrics: dict[str, float]) -> Queue | None:
+    """Put ``metrics`` on the progress queue; returns None once the queue is gone, so that training goes on without it."""
+    try:
+        progress.put(metrics)
+    except ray.exceptions.RayActorError as err:
+        print(f"progress queue lost ({type(err).__name__}); training goes on without epoch progress", flush=True)
+        return None
+    return progress
 
 
 class RayTrainer:
@@ -334,6 +347,11 @@ class RayTrainer:
             val_batch_size=prediction_batch_size(job.cfg),
         )
 
+    def progress_queue(self) -> Queue:
+        """The queue of rank 0's epoch metrics, kept on the driver's node so that losing a worker node spares it."""
+        driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": driver_node})
+
     def scaling_config(self) -> ray.train.ScalingConfig:
         """The workers' resources: one CPU share each, and one GPU each with ``use_gpu``."""
         return ray.train.ScalingConfig(
@@ -356,7 +374,7 @@ class RayTrainer:
         # from_items builds the block and its metadata here; from_arrow would start a task (a process) for them
         datasets = {f"real-{rank}": ray.data.from_items(table.to_pylist(), override_num_blocks=1)
                     for rank, table in enumerate(real_schedule(len(job.real), plan, self.num_workers))}
-        progress = Queue(actor_options={"num_cpus": 0})
+        progress = self.progress_queue()
         trainer = ray.train.torch.TorchTrainer(
             self.train_loop,
             train_loop_config={"job": self.worker_job(job, progress)},
