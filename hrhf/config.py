@@ -80,6 +80,7 @@ class InversionConfig:
     w_tv: float = 1e-4
     w_l2: float = 1e-5
     jitter: int = 4
+    init_std: float = 1.0  # standard deviation of the starting noise, in normalised pixel units
     flip: bool = True
     bf16: bool = False  # bfloat16 autocast of the teacher's forward (for GPUs; slower on most CPUs)
 
@@ -148,7 +149,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 AT_LEAST_ONE = ("train.epochs_base", "train.epochs_step", "train.batch_size", "inversion.batch_size",
                 "inversion.images_per_scale", "data.image_size", "data.train_size", "data.val_size", "model.width")
-POSITIVE = ("train.lr_base", "train.lr_step", "train.head_lr_mult", "inversion.lr", "method.kd_temperature")
+POSITIVE = ("train.lr_base", "train.lr_step", "train.head_lr_mult", "inversion.lr", "inversion.init_std",
+            "method.kd_temperature")
 NON_NEGATIVE = ("train.weight_decay", "train.min_iters_step", "train.clip_grad", "train.num_workers",
                 "inversion.iterations", "inversion.w_bn", "inversion.first_bn_mult", "inversion.w_tv", "inversion.w_l2",
                 "inversion.jitter", "method.w_kd_real", "method.w_fake", "method.w_ce_fake", "method.w_pod")

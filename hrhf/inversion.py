@@ -272,7 +272,7 @@ class SegInversion:
         classes = torch.tensor([t.class_index for t in targets], device=self.device)
         scales = torch.tensor([t.scale for t in targets], device=self.device)
         noise = [torch.randn(3, size, size, generator=torch.Generator().manual_seed(t.seed)) for t in targets]
-        x = torch.stack(noise).to(self.device)
+        x = (torch.stack(noise) * cfg.init_std).to(self.device)
         x = x.clamp(self.low, self.high).requires_grad_(True)
         rng = torch.Generator().manual_seed(targets[0].seed ^ len(targets))
         adam = ImageAdam(x, betas=(0.5, 0.9))
