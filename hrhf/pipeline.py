@@ -48,6 +48,7 @@ from hrhf.train import (SeededItems, StepJob, TrainedStep, collate_items, evalua
 
 REFERENCES_DIR = "references"  # inside a run directory: one folder per reference method
 BASE_CHECKPOINT = "step-0.pt"  # the step-0 model every incremental method starts from
+WEAK_HIT_RATIO = 0.25  # a class whose synthetic objects the old model sees at under this share of their asked size
 
 
 class Synthesizer(Protocol):
@@ -217,6 +218,15 @@ def synthesis_budget(
     presence = [round(float(count) / max(len(real), 1), 4) for count in seen[1:]]
     return {"images_per_scale": allocate_images(presence, inv.images_per_scale, inv.coverage_target),
             "presence": presence}
+
+
+def _warn_of_weak_synthesis(progress: Progress, step: int, summary: dict[str, float] | None, old_names: list[str]) -> None:
+    """Warn when the old model sees a class's synthetic objects at under WEAK_HIT_RATIO of the asked size."""
+    if summary and summary["weakest_hit_ratio"] < WEAK_HIT_RATIO:
+        name = old_names[summary["weakest_class"] - 1]
+        progress.event("synthesis", step, f"the old model labels {name} on only {summary['weakest_hit_ratio']:.0%} of "
+                       f"the area asked of its synthetic images, so {name} is barely replayed (see inversion.init_std, "
+                       f"inversion.jitter and inversion.iterations)", level="warning")
 
 
 def _check_checkpoint(payload: dict[str, Any], cfg: Config, task: Task, upto: int, uri: str) -> None:
@@ -477,6 +487,7 @@ def _run_steps(
                 targets = step_targets(cfg, task, step, budget["images_per_scale"])
                 fake = workers.synthesizer.synthesize(teacher, targets, step)
                 synth_seconds = time.perf_counter() - synth_start
+                _warn_of_weak_synthesis(progress, step, synthesis_summary(fake), [names[c] for c in task.old_classes(step)])
         train_start = time.perf_counter()
         if student is not None:
             progress.event("training", step, done=0, total=plan.epochs, unit="epoch", real_images=len(real),

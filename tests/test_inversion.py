@@ -7,6 +7,7 @@ from hrhf.config import InversionConfig
 from hrhf.data import make_source
 from hrhf.data.incremental import StepDataset
 from hrhf.data.transforms import normalize
+from hrhf.pixels import denormalize, pixel_bounds
 from hrhf.inversion import (
     ImageAdam,
     NonFiniteError,
@@ -134,6 +135,18 @@ def test_saa_area_rises_with_ratio(teacher):
     # and the teacher labels the target class, not some other one, on most images
     hits = sum(m["area"] > 0.01 for m in result.meta)
     assert hits >= 0.75 * len(result.meta)
+
+
+def test_starting_noise_has_the_configured_spread(teacher):
+    targets = make_targets([1], [0.2], 3, base_seed=3)
+    low, high = pixel_bounds()
+    noise = torch.stack([torch.randn(3, 48, 48, generator=torch.Generator().manual_seed(t.seed)) for t in targets])
+    for std in (1.0, 0.1):
+        # one update at a negligible learning rate: the stored images are the starting point, quantised
+        with SegInversion(teacher, _cfg(iterations=1, lr=1e-12, init_std=std, jitter=0, flip=False), 48) as inverter:
+            images = inverter.invert_batch(targets).images
+        start = denormalize((noise * std).clamp(low, high))
+        assert (images.int() - start.int()).abs().max() <= 1, std
 
 
 def test_teacher_without_batchnorm_is_rejected():

@@ -4,7 +4,7 @@ import pytest
 
 from hrhf.config import load_config
 from hrhf.methods import METHODS
-from hrhf.pipeline import LocalSynthesizer, run
+from hrhf.pipeline import WEAK_HIT_RATIO, LocalSynthesizer, run
 
 
 def quiet(_msg: str) -> None:
@@ -14,7 +14,8 @@ def quiet(_msg: str) -> None:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_smoke_run_of_every_method(method, tmp_path):
     cfg = load_config("smoke", method=method)
-    report = run(cfg, run_dir=str(tmp_path / "run"), log=quiet)
+    messages = []
+    report = run(cfg, run_dir=str(tmp_path / "run"), log=messages.append)
     steps = report["steps"]
     assert [s["step"] for s in steps] == [0, 1, 2]
     for s in steps:
@@ -25,6 +26,9 @@ def test_smoke_run_of_every_method(method, tmp_path):
     if method == "hrhf":
         scales, per_scale = cfg.inversion.scales, cfg.inversion.images_per_scale
         assert fakes == [0, 6 * len(scales) * per_scale, 8 * len(scales) * per_scale]
+        for s in steps[1:]:  # a warning where, and only where, the report shows a barely made class
+            warned = [m for m in messages if m.startswith(f"[step {s['step']}]") and "barely replayed" in m]
+            assert len(warned) == (s["synthesis"]["weakest_hit_ratio"] < WEAK_HIT_RATIO), (warned, s["synthesis"])
     else:
         assert fakes == [0, 0, 0]
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
