@@ -194,6 +194,23 @@ def per_seed_gains(results: dict) -> str:
     return "\n".join(lines)
 
 
+def new_class_floor(results: dict) -> str:
+    """HRHF's lowest new-class mIoU over the incremental steps and seeds, and the spread of the last step's over seeds."""
+    lines = []
+    for protocol, by_method in results.items():
+        reports = by_method.get("hrhf", [])
+        if not reports:
+            continue
+        cells = [(100 * step["metrics"]["new"], r["config"]["seed"], step["step"])
+                 for r in reports for step in r["steps"] if step["step"] > 0]
+        lowest, seed, step = min(cells)
+        last = [100 * r["steps"][-1]["metrics"]["new"] for r in reports]
+        spread = statistics.stdev(last) if len(last) > 1 else 0.0
+        lines.append(f"- {protocol}: HRHF new-class mIoU, lowest over steps and seeds = {lowest:.1f} (seed {seed}, "
+                     f"step {step}; goal >= 50); std over seeds after the last step = {spread:.1f} (goal <= 5)")
+    return "\n".join(lines)
+
+
 ABLATION_SCALES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 AGGREGATIONS = ("saa", "gap", "gmp")
 
@@ -322,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     print(per_step_table(results))
     print("\n" + checks(summary))
     print(per_seed_gains(results))
+    print(new_class_floor(results))
     print("\nTraining images of each step that show an old class:\n")
     print(old_object_shares(args))
     if args.json:

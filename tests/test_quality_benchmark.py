@@ -19,3 +19,18 @@ def test_per_seed_gains_pair_each_seed_with_its_own_mib_run():
     assert "seed 0 +50.0, seed 1 +60.0" in line
     assert "mean +55.0" in line and "minimum +50.0" in line
     assert quality.per_seed_gains({"6-1": {"hrhf": [_report(0, 0.5)]}}) == ""
+
+
+def _steps_report(seed: int, new: list[float]) -> dict:
+    steps = [{"step": i, "metrics": {"new": value}} for i, value in enumerate(new)]
+    return {"config": {"seed": seed}, "steps": steps}
+
+
+def test_new_class_floor_finds_the_weakest_incremental_step_of_any_seed():
+    # step 0's new classes are the base classes: never the floor, even when lower
+    results = {"5-1": {"hrhf": [_steps_report(0, [0.1, 0.8, 0.55, 0.7]), _steps_report(1, [0.9, 0.6, 0.9, 0.8])],
+                       "mib": [_steps_report(0, [0.1, 0.0, 0.0, 0.0])]}}
+    line = quality.new_class_floor(results)
+    assert "lowest over steps and seeds = 55.0 (seed 0, step 2" in line
+    assert "std over seeds after the last step = 7.1" in line
+    assert quality.new_class_floor({"6-1": {"mib": [_steps_report(0, [0.5, 0.5])]}}) == ""
