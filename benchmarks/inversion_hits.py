@@ -1,0 +1,73 @@
+"""Does the inversion make every old class? Per class, the share of each synthetic object the old model labels as it.
+
+    python benchmarks/inversion_hits.py --checkpoint runs/quality-cache/base-c1-2-3-4-5-oNone-s0/step-0.pt \
+        --variant "" --variant "inversion.jitter=0,inversion.init_std=0.1"
+
+For each step-0 checkpoint and each variant (comma-separated overrides of the inversion settings stored
+in the checkpoint's config; "" keeps them), synthesises the step-1 targets of every class the checkpoint
+knows (``inversion.images_per_scale`` images at each of ``inversion.scales``) and prints a Markdown table
+of the hit ratio per class: the mean over the class's images of (pixels the old model labels as the
+target class) / (the SAA ratio r asked of the image). About 1 means objects of the asked size; about 0
+means the class was not made and will not be replayed. Nothing here looks at a trained student's mIoU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+
+import torch
+
+from hrhf.config import apply_overrides, from_dict
+from hrhf.inversion import SegInversion, make_targets
+from hrhf.models import load_checkpoint
+from hrhf.pipeline import sources_of, task_of
+
+
+def hit_ratios(checkpoint: str, overrides: list[str]) -> tuple[list[str], list[float], float]:
+    """Class names, per-class hit ratio and seconds of one inversion of every class of ``checkpoint``."""
+    teacher, payload = load_checkpoint(checkpoint)
+    cfg = apply_overrides(from_dict(payload["config"]), overrides)
+    names = sources_of(cfg)[0].class_names
+    class_ids = task_of(cfg).steps[0]
+    targets = make_targets(list(range(1, len(class_ids) + 1)), cfg.inversion.scales, cfg.inversion.images_per_scale,
+                           base_seed=cfg.seed)
+    start = time.perf_counter()
+    with SegInversion(teacher, cfg.inversion, cfg.data.image_size) as inverter:
+        result = inverter.invert(targets)
+    seconds = time.perf_counter() - start
+    ratio = torch.tensor([m["area"] / m["scale"] for m in result.meta])
+    classes = torch.tensor([m["class"] for m in result.meta])
+    hits = [float(ratio[classes == k].mean()) for k in range(1, len(class_ids) + 1)]
+    return [names[c] for c in class_ids], hits, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the hit-ratio table of every checkpoint and variant."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", action="append", required=True, help="a step-0 checkpoint (repeatable)")
+    parser.add_argument("--variant", action="append", default=None,
+                        help='comma-separated SECTION.KEY=VALUE overrides (repeatable; "" for the stored settings)')
+    args = parser.parse_args(argv)
+    variants = args.variant if args.variant is not None else [""]
+    torch.set_num_threads(1)
+    header = None
+    command = "python benchmarks/inversion_hits.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    print(f"Command: `{command.strip()}`\n")
+    for checkpoint in args.checkpoint:
+        for variant in variants:
+            overrides = [o for o in variant.split(",") if o]
+            names, hits, seconds = hit_ratios(checkpoint, overrides)
+            if names != header:  # checkpoints of another class order get their own header
+                header = names
+                print("| checkpoint | variant | " + " | ".join(names) + " | lowest | s |")
+                print("|---" * (len(names) + 4) + "|")
+            print(f"| {checkpoint} | {variant or 'stored'} | " + " | ".join(f"{h:.2f}" for h in hits)
+                  + f" | {min(hits):.2f} | {seconds:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

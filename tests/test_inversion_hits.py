@@ -1,0 +1,37 @@
+"""benchmarks/inversion_hits.py: the per-class hit ratio table of a step-0 checkpoint."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from hrhf.config import load_config
+from hrhf.pipeline import run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import inversion_hits  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The smoke preset's step-0 model (6 shapes classes)."""
+    run_dir = tmp_path_factory.mktemp("base")
+    run(load_config("smoke", method="ft"), run_dir=str(run_dir), log=lambda _: None, last_step=0)
+    return str(run_dir / "step-0.pt")
+
+
+def test_table_has_a_row_per_checkpoint_and_variant(checkpoint, capsys):
+    assert inversion_hits.main(["--checkpoint", checkpoint, "--variant", "", "--variant", "inversion.iterations=2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    header, rows = lines[0], lines[1:]
+    assert header == "| checkpoint | variant | disc | square | triangle | ring | cross | star | lowest | s |"
+    assert [row.split(" | ")[1] for row in rows] == ["stored", "inversion.iterations=2"]
+    for row in rows:
+        hits = [float(cell) for cell in row.split(" | ")[2:8]]
+        assert all(h >= 0 for h in hits) and float(row.split(" | ")[8]) == min(hits)
+
+
+def test_a_bad_variant_is_refused_by_the_config(checkpoint):
+    with pytest.raises(ValueError, match="inversion.init_std must be a finite value > 0"):
+        inversion_hits.hit_ratios(checkpoint, ["inversion.init_std=0"])
