@@ -93,6 +93,9 @@ class MethodConfig:
     ce: str = "unbiased"  # plain | unbiased | pseudo | plop (entropy-thresholded pseudo-labels, PLOP)
     kd_real: str = "unbiased"  # none | plain | unbiased
     w_kd_real: float = 10.0
+    # False: no real-image KD on pixels labelled as a new class, where the old model can only be wrong
+    # (it sees a new object as the old class it resembles, and KD pulls the student that way)
+    kd_on_new: bool = True
     kd_temperature: float = 1.0
     fake: bool = True  # train on a synthetic (inverted) half
     fake_ratio: float = 0.5  # share of each batch that is synthetic

@@ -48,27 +48,42 @@ def unbiased_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_old: in
     return F.nll_loss(log_probs, merged, ignore_index=IGNORE_INDEX)
 
 
-def knowledge_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def knowledge_distillation(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """KD on the softmax over the teacher's channels (background + old), averaged over pixels.
 
     The student's extra (new-class) channels are left out, as in LwF / ILT output distillation.
+    ``keep`` (N, H, W) bool zeroes the term where False; the mean stays over every pixel.
     """
     n = teacher.shape[1]
     log_q = F.log_softmax(student[:, :n] / temperature, dim=1)
-    p = F.softmax(teacher / temperature, dim=1)
-    return -(p * log_q).sum(dim=1).mean() * temperature**2 + (p * p.clamp_min(1e-12).log()).sum(1).mean() * temperature**2
+    return _kd_mean(log_q, teacher, temperature, keep)
 
 
 def unbiased_knowledge_distillation(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, keep: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """MiB's unbiased KD: the student's background probability is background + all new classes."""
+    """MiB's unbiased KD: the student's background probability is background + all new classes (``keep`` as in KD)."""
     n = teacher.shape[1]
     log_s = F.log_softmax(student / temperature, dim=1)  # as in unbiased_cross_entropy: one fused pass
     log_bg = torch.logsumexp(torch.cat([log_s[:, :1], log_s[:, n:]], dim=1), dim=1, keepdim=True)
     log_q = torch.cat([log_bg, log_s[:, 1:n]], dim=1)
+    return _kd_mean(log_q, teacher, temperature, keep)
+
+
+def _kd_mean(log_q: torch.Tensor, teacher: torch.Tensor, temperature: float, keep: torch.Tensor | None) -> torch.Tensor:
+    """KL(teacher || student) per pixel, times T^2, averaged over every pixel (zero where ``keep`` is False)."""
     p = F.softmax(teacher / temperature, dim=1)
-    return -(p * log_q).sum(dim=1).mean() * temperature**2 + (p * p.clamp_min(1e-12).log()).sum(1).mean() * temperature**2
+    if keep is None:
+        return -(p * log_q).sum(dim=1).mean() * temperature**2 + (p * p.clamp_min(1e-12).log()).sum(1).mean() * temperature**2
+    per_pixel = (p * (p.clamp_min(1e-12).log() - log_q)).sum(dim=1)
+    return (per_pixel * keep).mean() * temperature**2
+
+
+def outside_new_classes(labels: torch.Tensor, n_old: int) -> torch.Tensor:
+    """Pixels not labelled as a new class (background, old classes, ignored): where the old model may be right."""
+    return (labels <= n_old) | (labels == IGNORE_INDEX)
 
 
 def pseudo_labels(labels: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,8 @@ def step_loss(
     if n_old > 0 and not method.joint:
         if method.kd_real != "none":
             kd = losses.unbiased_knowledge_distillation if method.kd_real == "unbiased" else losses.knowledge_distillation
-            parts["kd_real"] = kd(student_real, teacher_real, method.kd_temperature)
+            keep = None if method.kd_on_new else losses.outside_new_classes(labels_real, n_old)
+            parts["kd_real"] = kd(student_real, teacher_real, method.kd_temperature, keep)
             total = total + method.w_kd_real * parts["kd_real"]
         if method.pod:
             parts["pod"] = pod_loss(method, n_old, student_real, teacher_real, plop)

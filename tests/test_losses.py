@@ -81,3 +81,38 @@ def test_unbiased_terms_match_their_definition_in_probability_space():
                           (losses.unbiased_knowledge_distillation(logits, teacher, temperature), kd_expected)):
         torch.testing.assert_close(got, expected)
         torch.testing.assert_close(torch.autograd.grad(got, logits)[0], torch.autograd.grad(expected, logits)[0])
+
+
+def test_kd_keep_mask_drops_pixels_and_averages_over_all():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 6, 4, 4), torch.randn(2, 4, 4, 4)
+    labels = torch.randint(0, 6, (2, 4, 4))
+    labels[0, 0, 0] = 255
+    keep = losses.outside_new_classes(labels, n_old=3)
+    assert torch.equal(keep, (labels <= 3) | (labels == 255))
+    for kd in (losses.knowledge_distillation, losses.unbiased_knowledge_distillation):
+        all_kept = kd(student, teacher, 2.0, torch.ones(2, 4, 4, dtype=torch.bool))
+        assert torch.allclose(all_kept, kd(student, teacher, 2.0), atol=1e-6)
+        # the kept pixels alone, as a 1-pixel-high image, then rescaled from their count to every pixel's
+        kept_only = kd(student.permute(1, 0, 2, 3)[:, keep].T[:, :, None, None],
+                       teacher.permute(1, 0, 2, 3)[:, keep].T[:, :, None, None], 2.0)
+        assert torch.allclose(kd(student, teacher, 2.0, keep), kept_only * keep.sum() / keep.numel(), atol=1e-6)
+
+
+def test_step_loss_without_kd_on_new_pixels_leaves_them_to_the_cross_entropy():
+    import dataclasses
+
+    from hrhf.methods import METHODS, step_loss
+
+    torch.manual_seed(0)
+    teacher = torch.randn(1, 4, 2, 2)
+    labels = torch.tensor([[[0, 1], [4, 5]]])  # bottom row: new classes 4 and 5 (3 old classes)
+    for kd_on_new in (True, False):
+        method = dataclasses.replace(METHODS["mib"], kd_on_new=kd_on_new, w_kd_real=1.0)
+        student = torch.randn(1, 6, 2, 2, requires_grad=True)
+        _, parts = step_loss(method, 3, student, labels, teacher)
+        kd = losses.unbiased_knowledge_distillation(student, teacher, method.kd_temperature,
+                                                    None if kd_on_new else losses.outside_new_classes(labels, 3))
+        assert abs(parts["kd_real"] - float(kd)) < 1e-6
+        (grad,) = torch.autograd.grad(kd, student)
+        assert bool((grad[0, :, 1].abs().sum() > 0)) == kd_on_new and bool(grad[0, :, 0].abs().sum() > 0)
