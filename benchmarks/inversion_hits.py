@@ -24,6 +24,7 @@ from hrhf.config import apply_overrides, from_dict
 from hrhf.inversion import SegInversion, make_targets
 from hrhf.models import load_checkpoint
 from hrhf.pipeline import sources_of, task_of
+from hrhf.report import class_hit_ratios
 
 
 def hit_ratios(checkpoint: str, overrides: list[str]) -> tuple[list[str], list[float], float]:
@@ -38,9 +39,8 @@ def hit_ratios(checkpoint: str, overrides: list[str]) -> tuple[list[str], list[f
     with SegInversion(teacher, cfg.inversion, cfg.data.image_size) as inverter:
         result = inverter.invert(targets)
     seconds = time.perf_counter() - start
-    ratio = torch.tensor([m["area"] / m["scale"] for m in result.meta])
-    classes = torch.tensor([m["class"] for m in result.meta])
-    hits = [float(ratio[classes == k].mean()) for k in range(1, len(class_ids) + 1)]
+    by_class = class_hit_ratios(result.meta)
+    hits = [by_class[k] for k in range(1, len(class_ids) + 1)]
     return [names[c] for c in class_ids], hits, seconds
 
 

@@ -461,7 +461,7 @@ def _run_steps(
         torch.manual_seed(cfg.seed * 100 + step)
         real, val = step_datasets(cfg, task, step, sources)
         n_old, n_seen = len(task.old_classes(step)), task.num_seen(step)
-        fake, synth_seconds = None, 0.0
+        fake, synth_seconds, synthesis = None, 0.0, None
         teacher, budget = None, None
         start = time.perf_counter()
         if cfg.method.joint or step == 0:
@@ -487,7 +487,8 @@ def _run_steps(
                 targets = step_targets(cfg, task, step, budget["images_per_scale"])
                 fake = workers.synthesizer.synthesize(teacher, targets, step)
                 synth_seconds = time.perf_counter() - synth_start
-                _warn_of_weak_synthesis(progress, step, synthesis_summary(fake), [names[c] for c in task.old_classes(step)])
+                synthesis = synthesis_summary(fake)
+                _warn_of_weak_synthesis(progress, step, synthesis, [names[c] for c in task.old_classes(step)])
         train_start = time.perf_counter()
         if student is not None:
             progress.event("training", step, done=0, total=plan.epochs, unit="epoch", real_images=len(real),
@@ -509,7 +510,7 @@ def _run_steps(
             "metrics": metrics,
             "num_real": len(real),
             "num_fake": len(fake) if fake else 0,
-            "synthesis": synthesis_summary(fake),
+            "synthesis": synthesis,
             "synthesis_budget": budget,
             "synthesis_seconds": round(synth_seconds, 3),
             "training_seconds": round(train_seconds, 3),

@@ -279,6 +279,13 @@ def write_report(rundir: RunDir, report: dict[str, Any], references: References 
     return [*written, "report.md", "report.html", "report.json"]
 
 
+def class_hit_ratios(meta: list[dict]) -> dict[int, float]:
+    """Per synthesised class, the mean over its images of (area the old model labels as it) / (the asked ratio r)."""
+    ratio = torch.tensor([m["area"] / m["scale"] for m in meta])
+    classes = torch.tensor([m["class"] for m in meta])
+    return {int(c): float(ratio[classes == c].mean()) for c in classes.unique()}
+
+
 def synthesis_summary(fake: SyntheticData | None) -> dict[str, float] | None:
     """Mean teacher-labelled object area, its mean absolute gap to the SAA ratio r, and the weakest class.
 
@@ -289,8 +296,7 @@ def synthesis_summary(fake: SyntheticData | None) -> dict[str, float] | None:
         return None
     area = torch.tensor([m["area"] for m in fake.meta])
     scale = torch.tensor([m["scale"] for m in fake.meta])
-    classes = torch.tensor([m["class"] for m in fake.meta])
-    hit = {int(c): float((area / scale)[classes == c].mean()) for c in classes.unique()}
+    hit = class_hit_ratios(fake.meta)
     weakest = min(hit, key=hit.get)
     return {"mean_area": float(area.mean()), "area_vs_scale_mae": float((area - scale).abs().mean()),
             "weakest_class": weakest, "weakest_hit_ratio": hit[weakest]}
