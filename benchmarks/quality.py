@@ -14,6 +14,8 @@ for several.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -48,9 +50,17 @@ def make_config(args: argparse.Namespace, method: str, protocol: str, seed: int,
 
 
 def base_dir(args: argparse.Namespace, cfg: Config) -> str:
-    """Cache folder of the step-0 model shared by the methods of one seed."""
+    """Cache folder of the step-0 model shared by the methods of one seed.
+
+    Named by the base classes, class order and seed, and a digest of every setting step 0 depends on
+    (data but the protocol, model, base-step training), so a changed setting never reuses a stale model.
+    """
     first = "-".join(map(str, task_of(cfg).steps[0]))
-    return str(Path(args.cache_dir) / f"base-c{first}-o{args.class_order}-s{cfg.seed}")
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("protocol", "cache_dir")}
+    base_train = {k: getattr(cfg.train, k) for k in ("epochs_base", "batch_size", "lr_base", "weight_decay")}
+    settings = json.dumps({"data": data, "model": dataclasses.asdict(cfg.model), "train": base_train}, sort_keys=True)
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
+    return str(Path(args.cache_dir) / f"base-c{first}-o{args.class_order}-s{cfg.seed}-{digest}")
 
 
 def _work(job: tuple[str, Config, dict]) -> tuple[str, Config, dict]:

@@ -81,6 +81,10 @@ class InversionConfig:
     w_l2: float = 1e-5
     jitter: int = 4
     init_std: float = 1.0  # standard deviation of the starting noise, in normalised pixel units
+    # An image whose object covers under retry_below of its ratio r (as the old model labels it) is
+    # synthesised once more without jitter, from noise of std retry_init_std; the better of the two is kept.
+    retry_below: float = 0.25  # 0: no second try
+    retry_init_std: float = 0.1
     flip: bool = True
     bf16: bool = False  # bfloat16 autocast of the teacher's forward (for GPUs; slower on most CPUs)
 
@@ -153,10 +157,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 AT_LEAST_ONE = ("train.epochs_base", "train.epochs_step", "train.batch_size", "inversion.batch_size",
                 "inversion.images_per_scale", "data.image_size", "data.train_size", "data.val_size", "model.width")
 POSITIVE = ("train.lr_base", "train.lr_step", "train.head_lr_mult", "inversion.lr", "inversion.init_std",
-            "method.kd_temperature")
+            "inversion.retry_init_std", "method.kd_temperature")
 NON_NEGATIVE = ("train.weight_decay", "train.min_iters_step", "train.clip_grad", "train.num_workers",
                 "inversion.iterations", "inversion.w_bn", "inversion.first_bn_mult", "inversion.w_tv", "inversion.w_l2",
-                "inversion.jitter", "method.w_kd_real", "method.w_fake", "method.w_ce_fake", "method.w_pod")
+                "inversion.jitter", "inversion.retry_below", "method.w_kd_real", "method.w_fake", "method.w_ce_fake",
+                "method.w_pod")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

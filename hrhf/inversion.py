@@ -8,6 +8,7 @@ the object; global average / max pooling are kept for the ablation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -93,7 +94,7 @@ class SyntheticSet:
 
     images: torch.Tensor  # (N, 3, H, W) uint8
     masks: torch.Tensor  # (N, H, W) uint8, the teacher's argmax on the stored image
-    meta: list[dict] = field(default_factory=list)  # class, scale, seed, loss, area
+    meta: list[dict] = field(default_factory=list)  # class, scale, seed, loss, area, retried
 
     def __len__(self) -> int:
         return len(self.meta)
@@ -267,8 +268,30 @@ class SegInversion:
         return logits, prior
 
     def invert_batch(self, targets: Sequence[Target]) -> SyntheticSet:
-        """Optimise one batch of images from noise; deterministic for the same targets on CPU."""
-        cfg, size = self.cfg, self.image_size
+        """Optimise one batch of images from noise, then once more the images whose object came out too small.
+
+        Deterministic for the same targets on CPU. An image is retried when the teacher labels under
+        ``retry_below`` of its ratio r as its class (a class the jittered, noisy start did not make);
+        the retry has no jitter and starts from quieter noise, and the image with the larger object is kept.
+        """
+        result = self._optimise(targets, self.cfg)
+        if self.cfg.retry_below <= 0:
+            return result
+        weak = [i for i, m in enumerate(result.meta) if m["area"] < self.cfg.retry_below * m["scale"]]
+        if not weak:
+            return result
+        retry_cfg = dataclasses.replace(self.cfg, jitter=0, init_std=self.cfg.retry_init_std)
+        second = self._optimise([targets[i] for i in weak], retry_cfg)
+        for j, i in enumerate(weak):
+            if second.meta[j]["area"] > result.meta[i]["area"]:
+                result.images[i], result.masks[i] = second.images[j], second.masks[j]
+                result.meta[i] = second.meta[j]
+            result.meta[i]["retried"] = True
+        return result
+
+    def _optimise(self, targets: Sequence[Target], cfg: InversionConfig) -> SyntheticSet:
+        """One optimisation of ``targets`` from noise under ``cfg`` (the teacher's BN prior over this batch)."""
+        size = self.image_size
         classes = torch.tensor([t.class_index for t in targets], device=self.device)
         scales = torch.tensor([t.scale for t in targets], device=self.device)
         noise = [torch.randn(3, size, size, generator=torch.Generator().manual_seed(t.seed)) for t in targets]
@@ -300,7 +323,7 @@ class SegInversion:
                 image_bad = torch.where(turned_bad, ~class_loss.isfinite(), image_bad)
                 first_bad_it = torch.where(turned_bad, it, first_bad_it)
             if (it + 1) % self.finite_check_every == 0 or it + 1 == cfg.iterations:
-                self._check_loss(targets, int(first_bad_it), image_bad)
+                self._check_loss(targets, int(first_bad_it), image_bad, cfg.iterations)
             x.grad = None
             loss.backward()
             adam.step(lr_at(it))
@@ -326,19 +349,20 @@ class SegInversion:
         masks = predicted_classes(logits).cpu()
         area = (masks == classes.cpu()[:, None, None]).flatten(1).float().mean(1)
         meta = [
-            {"class": t.class_index, "scale": t.scale, "seed": t.seed, "loss": float(final_loss[i]), "area": float(area[i])}
+            {"class": t.class_index, "scale": t.scale, "seed": t.seed, "loss": float(final_loss[i]), "area": float(area[i]),
+             "retried": False}
             for i, t in enumerate(targets)
         ]
         return SyntheticSet(images, masks.to(torch.uint8), meta)
 
-    def _check_loss(self, targets: Sequence[Target], first_bad_it: int, image_bad: torch.Tensor) -> None:
+    def _check_loss(self, targets: Sequence[Target], first_bad_it: int, image_bad: torch.Tensor, iterations: int) -> None:
         """Raise NonFiniteError if the loss has been non-finite (``first_bad_it`` >= 0)."""
         if first_bad_it < 0:
             return
         # The images whose own class term went bad; if none did (only the BN prior), the whole batch.
         blamed = [t for t, bad in zip(targets, image_bad.cpu().tolist()) if bad] or list(targets)
         raise NonFiniteError(
-            f"inversion loss became non-finite at iteration {first_bad_it + 1}/{self.cfg.iterations} for "
+            f"inversion loss became non-finite at iteration {first_bad_it + 1}/{iterations} for "
             f"{describe_targets(blamed)} (lower inversion.lr, or turn off inversion.bf16)"
         )
 

@@ -225,8 +225,8 @@ def _warn_of_weak_synthesis(progress: Progress, step: int, summary: dict[str, fl
     if summary and summary["weakest_hit_ratio"] < WEAK_HIT_RATIO:
         name = old_names[summary["weakest_class"] - 1]
         progress.event("synthesis", step, f"the old model labels {name} on only {summary['weakest_hit_ratio']:.0%} of "
-                       f"the area asked of its synthetic images, so {name} is barely replayed (see inversion.init_std, "
-                       f"inversion.jitter and inversion.iterations)", level="warning")
+                       f"the area asked of its synthetic images, a second try included, so {name} is barely replayed (see "
+                       f"inversion.retry_below, inversion.retry_init_std, inversion.jitter and inversion.iterations)", level="warning")
 
 
 def _check_checkpoint(payload: dict[str, Any], cfg: Config, task: Task, upto: int, uri: str) -> None:

@@ -100,12 +100,12 @@ def step_rows(report: Mapping[str, Any], references: References | None = None) -
 
 
 STEP_COLUMNS = ["method", "step", "new classes", "bg", "old", "new", "all", "synthetic images", "synthesis s", "training s"]
-SYNTHESIS_COLUMNS = ["step", "synthetic images", "mean object area", "mean gap to r", "weakest class (area / r)",
-                     "synthesis s"]
+SYNTHESIS_COLUMNS = ["step", "synthetic images", "retried", "mean object area", "mean gap to r",
+                     "weakest class (area / r)", "synthesis s"]
 
 
 def synthesis_rows(report: Mapping[str, Any]) -> list[list[str]]:
-    """One row per step with synthetic images: count, mean teacher-labelled area, its gap to r, weakest class, seconds."""
+    """One row per step with synthetic images: count, retried, mean teacher-labelled area, its gap to r, weakest class, seconds."""
     rows = []
     for step in report["steps"]:
         summary = step.get("synthesis")
@@ -113,7 +113,8 @@ def synthesis_rows(report: Mapping[str, Any]) -> list[list[str]]:
             weakest = "-"
             if "weakest_class" in summary:  # reports written before it was recorded lack it
                 weakest = f"{step['seen_classes'][summary['weakest_class'] - 1]} {summary['weakest_hit_ratio']:.2f}"
-            rows.append([str(step["step"]), str(step["num_fake"]), f"{summary['mean_area']:.3f}",
+            retried = str(summary["retried"]) if "retried" in summary else "-"
+            rows.append([str(step["step"]), str(step["num_fake"]), retried, f"{summary['mean_area']:.3f}",
                          f"{summary['area_vs_scale_mae']:.3f}", weakest, f"{step['synthesis_seconds']:.1f}"])
     return rows
 
@@ -287,7 +288,7 @@ def class_hit_ratios(meta: list[dict]) -> dict[int, float]:
 
 
 def synthesis_summary(fake: SyntheticData | None) -> dict[str, float] | None:
-    """Mean teacher-labelled object area, its mean absolute gap to the SAA ratio r, and the weakest class.
+    """Mean teacher-labelled object area, its mean absolute gap to the SAA ratio r, the weakest class, images retried.
 
     A class's hit ratio is the mean over its images of area / r: near 1 where the old model sees
     objects of the asked size, near 0 where the inversion failed to make that class at all.
@@ -299,4 +300,5 @@ def synthesis_summary(fake: SyntheticData | None) -> dict[str, float] | None:
     hit = class_hit_ratios(fake.meta)
     weakest = min(hit, key=hit.get)
     return {"mean_area": float(area.mean()), "area_vs_scale_mae": float((area - scale).abs().mean()),
-            "weakest_class": weakest, "weakest_hit_ratio": hit[weakest]}
+            "weakest_class": weakest, "weakest_hit_ratio": hit[weakest],
+            "retried": sum(bool(m.get("retried", False)) for m in fake.meta)}

@@ -40,6 +40,7 @@ SCHEMA = pa.schema(
         ("seed", pa.int64()),
         ("loss", pa.float32()),
         ("area", pa.float32()),
+        ("retried", pa.bool_()),  # synthesised a second time (inversion.retry_below)
         ("model_id", pa.string()),
         ("step", pa.int32()),
         ("shard_id", pa.string()),
@@ -47,7 +48,7 @@ SCHEMA = pa.schema(
 )
 
 # Per-image metadata, also kept in each shard's commit marker so that a driver need not open the shard.
-META_COLUMNS = ("class", "scale", "seed", "loss", "area")
+META_COLUMNS = ("class", "scale", "seed", "loss", "area", "retried")
 # Keys every commit marker holds; a marker without them is treated as absent.
 MARKER_KEYS = ("shard_id", "rows", "seeds", "bytes", "sha256", "model_id", "step")
 # What ``ShardStore.verify`` says of a shard that was never committed (as opposed to a damaged one).
@@ -87,6 +88,7 @@ def to_table(synthetic: SyntheticSet, model_id: str, step: int, shard_id: str) -
         "seed": [m["seed"] for m in meta],
         "loss": [m["loss"] for m in meta],
         "area": [m["area"] for m in meta],
+        "retried": [bool(m.get("retried", False)) for m in meta],
         "model_id": [model_id] * len(meta),
         "step": [step] * len(meta),
         "shard_id": [shard_id] * len(meta),
@@ -98,7 +100,9 @@ def from_table(table: pa.Table) -> SyntheticSet:
     """Decode rows back into a set; images and masks are exact, float metadata is float32."""
     if table.num_rows == 0:
         return SyntheticSet.concat([])
-    columns = table.select(["image", "mask", "class", "scale", "seed", "loss", "area"]).to_pydict()
+    if "retried" not in table.column_names:  # shards written before the column existed
+        table = table.append_column("retried", pa.array([False] * table.num_rows))
+    columns = table.select(["image", "mask", *META_COLUMNS]).to_pydict()
     images = np.stack([decode_png(b) for b in columns["image"]]).transpose(0, 3, 1, 2)
     masks = np.stack([decode_png(b) for b in columns["mask"]])
     meta = [dict(zip(META_COLUMNS, row)) for row in zip(*(columns[k] for k in META_COLUMNS))]
@@ -309,7 +313,8 @@ class ShardStore:
         if isinstance(marker.get("meta"), list):
             return marker["meta"]
         with self.fs.open(self.data_path(shard_id), "rb") as f:
-            return pq.read_table(f, columns=list(META_COLUMNS)).to_pylist()
+            parquet = pq.ParquetFile(f)
+            return parquet.read(columns=[c for c in META_COLUMNS if c in parquet.schema_arrow.names]).to_pylist()
 
     def read_rows(self, shard_id: str, rows: list[int]) -> SyntheticSet:
         """Some rows of a finished shard, reading only their row groups (no checksum: for display)."""

@@ -12,6 +12,7 @@ from hrhf.inversion import (
     ImageAdam,
     NonFiniteError,
     SegInversion,
+    SyntheticSet,
     aggregation_loss,
     channel_moments,
     make_targets,
@@ -118,7 +119,7 @@ def test_inversion_output_and_determinism(teacher):
     assert first.masks.shape == (8, 48, 48)
     assert torch.equal(first.images, second.images) and torch.equal(first.masks, second.masks)
     meta = first.meta[0]
-    assert set(meta) == {"class", "scale", "seed", "loss", "area"}
+    assert set(meta) == {"class", "scale", "seed", "loss", "area", "retried"}
     assert 0.0 <= meta["area"] <= 1.0 and math.isfinite(meta["loss"])
     # the hooks are removed on exit: no module of the teacher keeps one
     assert not [m for m in teacher.modules() if m._forward_hooks or m._forward_pre_hooks]
@@ -143,10 +144,59 @@ def test_starting_noise_has_the_configured_spread(teacher):
     noise = torch.stack([torch.randn(3, 48, 48, generator=torch.Generator().manual_seed(t.seed)) for t in targets])
     for std in (1.0, 0.1):
         # one update at a negligible learning rate: the stored images are the starting point, quantised
-        with SegInversion(teacher, _cfg(iterations=1, lr=1e-12, init_std=std, jitter=0, flip=False), 48) as inverter:
+        cfg = _cfg(iterations=1, lr=1e-12, init_std=std, jitter=0, flip=False, retry_below=0)
+        with SegInversion(teacher, cfg, 48) as inverter:
             images = inverter.invert_batch(targets).images
         start = denormalize((noise * std).clamp(low, high))
         assert (images.int() - start.int()).abs().max() <= 1, std
+
+
+def _set_with_areas(targets, areas, fill):
+    """A SyntheticSet of constant images ``fill`` whose metadata gives each target the area asked."""
+    n = len(targets)
+    meta = [{"class": t.class_index, "scale": t.scale, "seed": t.seed, "loss": 0.0, "area": a, "retried": False}
+            for t, a in zip(targets, areas)]
+    return SyntheticSet(torch.full((n, 3, 4, 4), fill, dtype=torch.uint8), torch.full((n, 4, 4), fill, dtype=torch.uint8), meta)
+
+
+def test_only_weak_images_are_retried_without_jitter_from_quieter_noise(teacher, monkeypatch):
+    targets = make_targets([1, 2, 3], [0.2], 1, base_seed=3)
+    calls = []
+
+    def optimise(self, batch, cfg):
+        calls.append((list(batch), cfg))
+        if len(calls) == 1:  # target 0 under 0.25 * 0.2, target 1 just above, target 2 under
+            return _set_with_areas(batch, [0.01, 0.06, 0.02], fill=1)
+        return _set_with_areas(batch, [0.18, 0.005], fill=2)  # the retry helps target 0, not target 2
+
+    monkeypatch.setattr(SegInversion, "_optimise", optimise)
+    with SegInversion(teacher, _cfg(jitter=4, init_std=1.0, retry_below=0.25, retry_init_std=0.1), 48) as inverter:
+        result = inverter.invert_batch(targets)
+    assert [t for t in calls[1][0]] == [targets[0], targets[2]]
+    assert calls[0][1].jitter == 4 and calls[0][1].init_std == 1.0
+    assert calls[1][1].jitter == 0 and calls[1][1].init_std == 0.1
+    assert [m["area"] for m in result.meta] == [0.18, 0.06, 0.02]
+    assert [m["retried"] for m in result.meta] == [True, False, True]
+    assert result.images[:, 0, 0, 0].tolist() == [2, 1, 1] and result.masks[:, 0, 0].tolist() == [2, 1, 1]
+
+    calls.clear()
+    with SegInversion(teacher, _cfg(retry_below=0), 48) as inverter:
+        inverter.invert_batch(targets)
+    assert len(calls) == 1
+
+
+def test_a_retry_keeps_the_larger_object_of_the_two_tries(teacher):
+    targets = make_targets([1, 2], [0.1, 0.4], 1, base_seed=5)
+    with SegInversion(teacher, _cfg(iterations=20, retry_below=0), 48) as inverter:
+        once = inverter.invert_batch(targets)
+    # retry_below far above 1: every image is tried a second time
+    with SegInversion(teacher, _cfg(iterations=20, retry_below=100.0), 48) as inverter:
+        twice = inverter.invert_batch(targets)
+    assert all(m["retried"] for m in twice.meta) and not any(m["retried"] for m in once.meta)
+    assert all(b["area"] >= a["area"] for a, b in zip(once.meta, twice.meta))
+    kept_first = [i for i, (a, b) in enumerate(zip(once.meta, twice.meta)) if a["area"] == b["area"]]
+    for i in kept_first:
+        assert torch.equal(once.images[i], twice.images[i])
 
 
 def test_teacher_without_batchnorm_is_rejected():

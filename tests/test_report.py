@@ -217,14 +217,15 @@ def synthetic_set(classes=(1, 2, 3), scales=(0.1, 0.5), seeds=2, size=16) -> Syn
 def test_synthesis_summary_names_the_class_the_inversion_failed():
     # class 1: objects of the asked size; class 2: a tenth of it at r = 0.4, nothing at r = 0.2
     meta = [{"class": 1, "scale": 0.2, "area": 0.2}, {"class": 1, "scale": 0.4, "area": 0.4},
-            {"class": 2, "scale": 0.2, "area": 0.0}, {"class": 2, "scale": 0.4, "area": 0.04}]
+            {"class": 2, "scale": 0.2, "area": 0.0, "retried": True}, {"class": 2, "scale": 0.4, "area": 0.04, "retried": True}]
     fake = SyntheticSet(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.zeros(4, 2, 2, dtype=torch.uint8), meta)
     summary = synthesis_summary(fake)
     assert summary["weakest_class"] == 2 and math.isclose(summary["weakest_hit_ratio"], 0.05, rel_tol=1e-6)
+    assert summary["retried"] == 2
     assert math.isclose(summary["mean_area"], 0.16, rel_tol=1e-6)
     assert math.isclose(summary["area_vs_scale_mae"], 0.14, rel_tol=1e-6)
     step = {"step": 1, "num_fake": 4, "synthesis": summary, "synthesis_seconds": 1.0, "seen_classes": ["disc", "ring"]}
-    assert synthesis_rows({"steps": [step]}) == [["1", "4", "0.160", "0.140", "ring 0.05", "1.0"]]
+    assert synthesis_rows({"steps": [step]}) == [["1", "4", "2", "0.160", "0.140", "ring 0.05", "1.0"]]
 
 
 def test_gallery_layout_and_bad_palettes():

@@ -19,7 +19,8 @@ def fake_set(seeds, size=16):
     n = len(seeds)
     images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
     masks = torch.randint(0, 11, (n, size, size), generator=g, dtype=torch.uint8)
-    meta = [{"class": 1 + i % 3, "scale": 0.25, "seed": s, "loss": 0.5, "area": 0.125} for i, s in enumerate(seeds)]
+    meta = [{"class": 1 + i % 3, "scale": 0.25, "seed": s, "loss": 0.5, "area": 0.125, "retried": i == 1}
+            for i, s in enumerate(seeds)]
     return SyntheticSet(images, masks, meta)
 
 
@@ -37,6 +38,14 @@ def test_table_roundtrip_is_lossless():
     back = from_table(table)
     assert back.images.dtype == torch.uint8 and back.masks.dtype == torch.uint8
     assert_same(back, synthetic)  # the metadata values chosen are exact in float32
+
+
+def test_shards_written_before_the_retried_column_still_read():
+    synthetic = fake_set([7, 8])
+    table = to_table(synthetic, "abc123", 2, "step2-00000").drop_columns(["retried"])
+    back = from_table(table)
+    assert [m["retried"] for m in back.meta] == [False, False]
+    assert torch.equal(back.images, synthetic.images)
 
 
 def test_make_shards_covers_every_target_once():
