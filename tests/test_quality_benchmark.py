@@ -34,3 +34,18 @@ def test_new_class_floor_finds_the_weakest_incremental_step_of_any_seed():
     assert "lowest over steps and seeds = 55.0 (seed 0, step 2" in line
     assert "std over seeds after the last step = 7.1" in line
     assert quality.new_class_floor({"6-1": {"mib": [_steps_report(0, [0.5, 0.5])]}}) == ""
+
+
+def test_step0_cache_is_shared_by_protocols_and_methods_but_not_by_other_data():
+    import argparse
+
+    args = argparse.Namespace(overrides=[], class_order=None, preset="smoke", cache_dir="cache")
+
+    def base(method, protocol, extra=()):
+        return quality.base_dir(args, quality.make_config(args, method, protocol, 0, list(extra)))
+
+    assert base("ft", "6-2-2") == base("hrhf", "6-1") == base("mib", "6-2-2", ["train.epochs_step=3"])
+    assert base("ft", "6-2-2") != base("ft", "5-1")  # other base classes
+    assert base("ft", "6-2-2") != base("ft", "6-2-2", ["data.shapes_version=2"])
+    assert base("ft", "6-2-2") != base("ft", "6-2-2", ["train.epochs_base=3"])
+    assert base("ft", "6-2-2") != base("ft", "6-2-2", ["model.width=4"])
