@@ -56,7 +56,7 @@ from hrhf.models import build_model, widen_classifier  # noqa: E402
 from hrhf.pixels import denormalize  # noqa: E402
 from hrhf.shards import decode_png, encode_png  # noqa: E402
 from hrhf.tasks import make_task  # noqa: E402
-from hrhf.train import iters_per_epoch, make_optimizer, plan_step, train_steps  # noqa: E402
+from hrhf.train import iters_per_epoch, make_optimizer, plan_step, step_epochs, train_steps  # noqa: E402
 
 MODEL = "deeplabv3_resnet101"
 CHECK_SIZE = 64  # image side at which the meta-device counts are checked against the project's own code
@@ -139,12 +139,15 @@ def build_protocols(cfg: Config) -> list[Protocol]:
     voc_steps = []
     for t in range(voc_task.num_steps):
         old = len(voc_task.old_classes(t))
-        epochs = cfg.train.epochs_base if t == 0 else cfg.train.epochs_step
+        epochs = cfg.train.epochs_base if t == 0 else step_epochs(
+            cfg.train.epochs_step, cfg.train.min_iters_step, voc_counts[t], cfg.train.batch_size)
         voc_steps.append(Step(t, old, len(voc_task.new_classes(t)), voc_counts[t], epochs, synthetic(old)))
+    ade_step1_images = ade_step1_images_estimate()
     ade_steps = [
         # Nearly every ADE image shows one of the 100 most frequent classes (wall alone is in 11,664).
         Step(0, 0, 100, ADE_TRAIN_IMAGES, cfg.train.epochs_base, 0),
-        Step(1, 100, 50, ade_step1_images_estimate(), cfg.train.epochs_step, synthetic(100)),
+        Step(1, 100, 50, ade_step1_images, step_epochs(
+            cfg.train.epochs_step, cfg.train.min_iters_step, ade_step1_images, cfg.train.batch_size), synthetic(100)),
     ]
     ade_source = (f"estimate: base all {ADE_TRAIN_IMAGES:,}; step 1 from objectInfo150 per-class counts, classes "
                   f"assumed independent (upper bound {sum(ADE_IMAGES_PER_CLASS_101_150):,})")
@@ -175,7 +178,8 @@ def project_flops(teacher_outputs: int, new_classes: int, size: int, cfg: Config
     forward_flops = counted_flops(forward)
 
     inv_cfg = copy.deepcopy(cfg.inversion)
-    inv_cfg.iterations, inv_cfg.bf16 = 1, False
+    # One try per image: a random teacher makes no object, and a second try would count the iteration twice.
+    inv_cfg.iterations, inv_cfg.bf16, inv_cfg.retry_below = 1, False, 0.0
     target = make_targets([1], [inv_cfg.scales[0]], 1, base_seed=0)
     with SegInversion(copy.deepcopy(teacher), inv_cfg, size) as inverter:
         # invert_batch ends with one no-grad forward to label the final image.
@@ -374,6 +378,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated SAA object-area ratios")
     parser.add_argument("--epochs-base", type=int, default=defaults.train.epochs_base)
     parser.add_argument("--epochs-step", type=int, default=defaults.train.epochs_step)
+    parser.add_argument("--min-iters-step", type=int, default=defaults.train.min_iters_step,
+                        help="incremental steps get the epochs for at least this many updates")
     parser.add_argument("--shard-size", type=int, default=32, help="synthesis targets per shard (jobs/incremental.py)")
     parser.add_argument("--target-hours", type=float, default=1.0, help="wall-clock goal per step")
     parser.add_argument("--quick", action="store_true", help="128 px and a few images: checks that the script runs")
@@ -383,7 +389,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.image_size = 128
     if min(args.tflops, args.target_hours) <= 0 or min(args.image_size, args.shard_size, args.images_per_scale) < 1:
         parser.error("--tflops, --target-hours, --image-size, --shard-size and --images-per-scale must be positive")
-    if args.iterations < 0 or args.epochs_base < 0 or args.epochs_step < 0 or not args.scales:
+    if min(args.iterations, args.epochs_base, args.epochs_step, args.min_iters_step) < 0 or not args.scales:
         parser.error("--iterations and epochs must be >= 0, --scales non-empty")
     return args
 
@@ -401,7 +407,8 @@ def print_report(figures: dict, argv: list[str]) -> None:
           "the teacher loop reaches, on the smaller models it times). "
           f"Model {MODEL}, {a['image_size']} px; inversion {a['iterations']} iterations, "
           f"{a['images_per_scale']} images x {len(a['scales'])} scales per old class; epochs {a['epochs_base']} base, "
-          f"{a['epochs_step']} per step; fake ratio {a['fake_ratio']}; shards of {a['shard_size']}; "
+          f"{a['epochs_step']} per step (at least {a['min_iters_step']} updates); "
+          f"fake ratio {a['fake_ratio']}; shards of {a['shard_size']}; "
           "DDP assumed to scale linearly.")
     print("\n| FLOPs per image (counted) | VOC model (16 outputs) | ADE model (101 outputs) |\n|---|---|---|")
     voc, ade = figures["flops_per_image"]["voc_15-1"], figures["flops_per_image"]["ade_100-50"]
@@ -457,12 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg.inversion.iterations, cfg.inversion.images_per_scale = args.iterations, args.images_per_scale
     cfg.inversion.scales = list(args.scales)
     cfg.train.epochs_base, cfg.train.epochs_step = args.epochs_base, args.epochs_step
+    cfg.train.min_iters_step = args.min_iters_step
     protocols = build_protocols(cfg)
     figures: dict = {
         "assumptions": {
             "tflops": args.tflops, "tflops_is_assumed": True, "model": MODEL, "image_size": args.image_size,
             "iterations": cfg.inversion.iterations, "images_per_scale": cfg.inversion.images_per_scale,
             "scales": cfg.inversion.scales, "epochs_base": cfg.train.epochs_base, "epochs_step": cfg.train.epochs_step,
+            "min_iters_step": cfg.train.min_iters_step,
             "batch_size": cfg.train.batch_size, "fake_ratio": cfg.method.fake_ratio, "shard_size": args.shard_size,
             "target_hours": args.target_hours, "voc_train_images": VOC_TRAIN_IMAGES, "ade_train_images": ADE_TRAIN_IMAGES,
         },

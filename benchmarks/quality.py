@@ -255,6 +255,7 @@ def _scale_study(job: tuple[str, Config, str]) -> tuple[str, dict[float, list[fl
     teacher, payload = load_checkpoint(checkpoint)
     classes = list(range(1, len(payload["classes"][0]) + 1))
     cfg.inversion.aggregation = aggregation
+    cfg.inversion.retry_below = 0.0  # the aggregation term alone: a second try would keep the larger object
     targets = make_targets(classes, ABLATION_SCALES, cfg.inversion.images_per_scale, base_seed=cfg.seed)
     with SegInversion(teacher, cfg.inversion, cfg.data.image_size) as inverter:
         result = inverter.invert(targets)

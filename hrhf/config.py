@@ -27,7 +27,7 @@ class DataConfig:
     train_size: int = 2000  # shapes: number of training images
     val_size: int = 400  # shapes: number of validation images
     data_seed: int = 0  # shapes: generator seed
-    shapes_version: int = 1  # shapes generator: 1 uniform class co-occurrence, 2 VOC-like scenes
+    shapes_version: int = 2  # shapes generator: 1 uniform class co-occurrence, 2 VOC-like scenes
     cache_dir: str | None = None  # where computed step splits are cached
 
 
@@ -46,7 +46,7 @@ class TrainConfig:
 
     epochs_base: int = 24
     epochs_step: int = 20
-    min_iters_step: int = 0  # incremental steps: epochs are added until a step makes at least this many updates
+    min_iters_step: int = 400  # incremental steps: epochs are added until a step makes at least this many updates
     batch_size: int = 32
     lr_base: float = 0.05
     lr_step: float = 0.01
@@ -99,7 +99,7 @@ class MethodConfig:
     w_kd_real: float = 10.0
     # False: no real-image KD on pixels labelled as a new class, where the old model can only be wrong
     # (it sees a new object as the old class it resembles, and KD pulls the student that way)
-    kd_on_new: bool = True
+    kd_on_new: bool = False  # True in the lwf and mib presets (their published rule)
     kd_temperature: float = 1.0
     fake: bool = True  # train on a synthetic (inverted) half
     fake_ratio: float = 0.5  # share of each batch that is synthetic
@@ -132,7 +132,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "data": {"train_size": 160, "val_size": 48, "image_size": 48},
         "model": {"width": 8},
-        "train": {"epochs_base": 1, "epochs_step": 1, "batch_size": 16},
+        "train": {"epochs_base": 1, "epochs_step": 1, "min_iters_step": 0, "batch_size": 16},
         "inversion": {"iterations": 4, "batch_size": 16, "scales": [0.1, 0.4], "images_per_scale": 1},
     },
 }

@@ -20,8 +20,8 @@ from hrhf.config import MethodConfig
 
 METHODS: dict[str, MethodConfig] = {
     "ft": MethodConfig(name="ft", ce="plain", kd_real="none", fake=False, init="random"),
-    "lwf": MethodConfig(name="lwf", ce="plain", kd_real="plain", fake=False, init="random"),
-    "mib": MethodConfig(name="mib", ce="unbiased", kd_real="unbiased", fake=False, init="mib"),
+    "lwf": MethodConfig(name="lwf", ce="plain", kd_real="plain", kd_on_new=True, fake=False, init="random"),
+    "mib": MethodConfig(name="mib", ce="unbiased", kd_real="unbiased", kd_on_new=True, fake=False, init="mib"),
     "hrhf": MethodConfig(name="hrhf", ce="unbiased", kd_real="unbiased", fake=True, init="mib"),
     "joint": MethodConfig(name="joint", ce="plain", kd_real="none", fake=False, joint=True),
     "plop": MethodConfig(name="plop", ce="plop", kd_real="none", fake=False, init="mib", pod=True),

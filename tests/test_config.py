@@ -64,3 +64,11 @@ def test_exponent_without_a_dot_is_a_float():
     # YAML 1.1 reads 1e-3 as a string; a learning rate written that way must still work
     cfg = load_config("smoke", overrides=["train.lr_step=1e-3"])
     assert cfg.train.lr_step == 0.001
+
+
+def test_defaults_are_hrhf_on_version_2_and_mib_keeps_its_kd_rule():
+    cfg = load_config()
+    assert cfg.data.shapes_version == 2 and cfg.train.min_iters_step == 400 and cfg.inversion.retry_below == 0.25
+    assert cfg.method == load_config(method="hrhf").method and not cfg.method.kd_on_new
+    assert load_config(method="mib").method.kd_on_new and load_config(method="lwf").method.kd_on_new
+    assert load_config("smoke").train.min_iters_step == 0  # the smoke preset stays seconds long

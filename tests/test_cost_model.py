@@ -72,6 +72,7 @@ def rows_for(figures, flags):
     cfg.inversion.iterations, cfg.inversion.images_per_scale = args.iterations, args.images_per_scale
     cfg.inversion.scales = list(args.scales)
     cfg.train.epochs_base, cfg.train.epochs_step = args.epochs_base, args.epochs_step
+    cfg.train.min_iters_step = args.min_iters_step
     return {p.name: cost_model.cost_rows(p, figures["flops_per_image"][p.name], cfg, args)
             for p in cost_model.build_protocols(cfg)}
 
@@ -124,3 +125,17 @@ def test_cores_per_gpu_scales_with_the_gpu_rate():
     # 1e12 FLOP/s over 1e10 FLOPs per image: 100 images/s; half real (0.01 s), half synthetic (the slower, 0.004 s).
     assert cost_model.cores_per_gpu(1e10, 0.5, plane, 1.0) == pytest.approx(100 * 0.007)
     assert cost_model.cores_per_gpu(1e10, 0.5, copy.deepcopy(plane), 2.0) == pytest.approx(200 * 0.007)
+
+
+def test_small_steps_get_the_epochs_of_the_minimum_of_updates():
+    cfg = cost_model.Config()
+    cfg.train.min_iters_step = 0
+    plain = {p.name: p for p in cost_model.build_protocols(cfg)}
+    assert all(step.epochs == cfg.train.epochs_step for step in plain["voc_15-1"].steps[1:])
+    cfg.train.min_iters_step = 400
+    steps = {p.name: p for p in cost_model.build_protocols(cfg)}["voc_15-1"].steps
+    for step in steps[1:]:
+        batches = cost_model.iters_per_epoch(step.real_images, cfg.train.batch_size)
+        assert step.epochs >= cfg.train.epochs_step and batches * step.epochs >= 400
+        assert step.epochs == cfg.train.epochs_step or batches * (step.epochs - 1) < 400
+    assert steps[0].epochs == cfg.train.epochs_base

@@ -172,11 +172,11 @@ def test_shapes_version_2_scene_structure():
 
 
 def test_shapes_version_reaches_the_sources():
-    cfg = load_config(overrides=["data.shapes_version=2", "data.train_size=5", "data.val_size=3"])
+    cfg = load_config(overrides=["data.shapes_version=1", "data.train_size=5", "data.val_size=3"])
     train, val = sources_of(cfg)
-    assert train.identity()["version"] == 2 and val.identity()["version"] == 2
+    assert train.identity()["version"] == 1 and val.identity()["version"] == 1
     assert len(train) == 5 and len(val) == 3
-    assert sources_of(load_config())[0].identity()["version"] == 1
+    assert sources_of(load_config())[0].identity()["version"] == 2
     with pytest.raises(ValueError, match="shapes_version"):
         load_config(overrides=["data.shapes_version=3"])
 

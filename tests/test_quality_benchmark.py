@@ -46,6 +46,6 @@ def test_step0_cache_is_shared_by_protocols_and_methods_but_not_by_other_data():
 
     assert base("ft", "6-2-2") == base("hrhf", "6-1") == base("mib", "6-2-2", ["train.epochs_step=3"])
     assert base("ft", "6-2-2") != base("ft", "5-1")  # other base classes
-    assert base("ft", "6-2-2") != base("ft", "6-2-2", ["data.shapes_version=2"])
+    assert base("ft", "6-2-2") != base("ft", "6-2-2", ["data.shapes_version=1"])
     assert base("ft", "6-2-2") != base("ft", "6-2-2", ["train.epochs_base=3"])
     assert base("ft", "6-2-2") != base("ft", "6-2-2", ["model.width=4"])

@@ -40,7 +40,7 @@ def test_a_negative_budget_is_rejected():
 def test_incremental_epochs_counts_the_images_of_the_step():
     from hrhf.pipeline import incremental_epochs, sources_of, step_datasets, task_of
 
-    cfg = load_config("smoke", overrides=["train.min_iters_step=60", "data.protocol=6-2-2"])
+    cfg = load_config("smoke", overrides=["train.min_iters_step=60", "data.protocol=6-2-2", "train.batch_size=8"])
     real, _ = step_datasets(cfg, task_of(cfg), 1, sources_of(cfg))
     iters = iters_per_epoch(len(real), cfg.train.batch_size)
     assert 1 < iters < 60  # a step of a few batches: the budget, not train.epochs_step, sets its epochs

@@ -29,7 +29,8 @@ IMAGES_PER_SCALE = 1
 JOB_ARGS = [
     "--set", "data.dataset=voc", "--set", "data.protocol=15-5", "--set", f"data.root={VOC_ROOT}",
     "--set", f"data.image_size={IMAGE_SIZE}", "--set", f"model.name={MODEL}",
-    "--set", "train.epochs_base=1", "--set", "train.epochs_step=1", "--set", "train.batch_size=8",
+    "--set", "train.epochs_base=1", "--set", "train.epochs_step=1", "--set", "train.min_iters_step=0",
+    "--set", "train.batch_size=8",
     "--set", "inversion.iterations=2", "--set", "inversion.batch_size=16",
     "--set", f"inversion.scales={SCALES}", "--set", f"inversion.images_per_scale={IMAGES_PER_SCALE}",
     # one torch thread, as the Ray actors and workers of one CPU have: on a busy 2-core machine, two
