@@ -56,7 +56,7 @@ from hrhf.models import build_model, widen_classifier  # noqa: E402
 from hrhf.pixels import denormalize  # noqa: E402
 from hrhf.shards import decode_png, encode_png  # noqa: E402
 from hrhf.tasks import make_task  # noqa: E402
-from hrhf.train import iters_per_epoch, make_optimizer, plan_step, step_epochs, train_steps  # noqa: E402
+from hrhf.train import iters_per_epoch, make_optimizer, plan_step, train_steps  # noqa: E402
 
 MODEL = "deeplabv3_resnet101"
 CHECK_SIZE = 64  # image side at which the meta-device counts are checked against the project's own code
@@ -136,18 +136,19 @@ def build_protocols(cfg: Config) -> list[Protocol]:
 
     voc_task = make_task("voc", "15-1", overlap=True)
     voc_counts, voc_source = voc_step_images(voc_task.num_steps)
+    def epochs(step: int, old: int, images: int) -> int:  # the trainer's own rule, train.min_iters_step included
+        return plan_step(cfg, step, old, incremental=step > 0, num_real=images).epochs
+
     voc_steps = []
     for t in range(voc_task.num_steps):
         old = len(voc_task.old_classes(t))
-        epochs = cfg.train.epochs_base if t == 0 else step_epochs(
-            cfg.train.epochs_step, cfg.train.min_iters_step, voc_counts[t], cfg.train.batch_size)
-        voc_steps.append(Step(t, old, len(voc_task.new_classes(t)), voc_counts[t], epochs, synthetic(old)))
+        voc_steps.append(Step(t, old, len(voc_task.new_classes(t)), voc_counts[t], epochs(t, old, voc_counts[t]),
+                              synthetic(old)))
     ade_step1_images = ade_step1_images_estimate()
     ade_steps = [
         # Nearly every ADE image shows one of the 100 most frequent classes (wall alone is in 11,664).
-        Step(0, 0, 100, ADE_TRAIN_IMAGES, cfg.train.epochs_base, 0),
-        Step(1, 100, 50, ade_step1_images, step_epochs(
-            cfg.train.epochs_step, cfg.train.min_iters_step, ade_step1_images, cfg.train.batch_size), synthetic(100)),
+        Step(0, 0, 100, ADE_TRAIN_IMAGES, epochs(0, 0, ADE_TRAIN_IMAGES), 0),
+        Step(1, 100, 50, ade_step1_images, epochs(1, 100, ade_step1_images), synthetic(100)),
     ]
     ade_source = (f"estimate: base all {ADE_TRAIN_IMAGES:,}; step 1 from objectInfo150 per-class counts, classes "
                   f"assumed independent (upper bound {sum(ADE_IMAGES_PER_CLASS_101_150):,})")
