@@ -456,16 +456,22 @@ def print_report(figures: dict, argv: list[str]) -> None:
               f"| {driver['files_gb']:.0f} GB / {driver['crops_gb']:.0f} GB |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Measure, model, print the tables and write the JSON."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    started = time.perf_counter()
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The default config with the inversion and training settings the command line overrides."""
     cfg = Config()
     cfg.inversion.iterations, cfg.inversion.images_per_scale = args.iterations, args.images_per_scale
     cfg.inversion.scales = list(args.scales)
     cfg.train.epochs_base, cfg.train.epochs_step = args.epochs_base, args.epochs_step
     cfg.train.min_iters_step = args.min_iters_step
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure, model, print the tables and write the JSON."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    started = time.perf_counter()
+    cfg = config_from_args(args)
     protocols = build_protocols(cfg)
     figures: dict = {
         "assumptions": {

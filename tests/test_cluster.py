@@ -124,10 +124,14 @@ class FakeAutoscalingCluster:
         self.head_cpus = head_cpus
         # Ray's files go to <base>/ray; with RAY_TMPDIR=<base>, ray.init("auto") finds this cluster there
         self.base = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: socket paths must fit in 107 bytes
-        self.port = free_port()
+        self.host = ray.util.get_node_ip_address()
         self.config = fake_provider_config(worker_node_types, {"CPU": head_cpus})
-        # where the fake worker nodes connect (the provider's default is port 6379)
-        self.config["provider"]["gcs_address"] = f"{ray.util.get_node_ip_address()}:{self.port}"
+        self._use_port(free_port())
+
+    def _use_port(self, port: int) -> None:
+        """The head's GCS port, which is also where the fake worker nodes connect (the provider's default is 6379)."""
+        self.port = port
+        self.config["provider"]["gcs_address"] = f"{self.host}:{port}"
 
     def start(self, attempts: int = 2) -> None:
         """Start the head with the fake provider's autoscaler.
@@ -152,8 +156,7 @@ class FakeAutoscalingCluster:
                 return
             failures.append(f"ray start exited with {started.returncode}:\n{started.stdout[-2000:]}\n{started.stderr[-3000:]}")
             stop_cluster(self.base)
-            self.port = free_port()
-            self.config["provider"]["gcs_address"] = f"{self.config['provider']['gcs_address'].rsplit(':', 1)[0]}:{self.port}"
+            self._use_port(free_port())
         raise RuntimeError("\n\n".join(failures))
 
     def shutdown(self) -> None:

@@ -68,11 +68,7 @@ def test_step_workloads(figures):
 def rows_for(figures, flags):
     """Cost rows of both protocols recomputed from the quick run's FLOP counts under other flags."""
     args = cost_model.parse_args(["--quick", *flags])
-    cfg = cost_model.Config()
-    cfg.inversion.iterations, cfg.inversion.images_per_scale = args.iterations, args.images_per_scale
-    cfg.inversion.scales = list(args.scales)
-    cfg.train.epochs_base, cfg.train.epochs_step = args.epochs_base, args.epochs_step
-    cfg.train.min_iters_step = args.min_iters_step
+    cfg = cost_model.config_from_args(args)
     return {p.name: cost_model.cost_rows(p, figures["flops_per_image"][p.name], cfg, args)
             for p in cost_model.build_protocols(cfg)}
 
