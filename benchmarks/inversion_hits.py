@@ -22,13 +22,17 @@ import torch
 
 from hrhf.config import apply_overrides, from_dict
 from hrhf.inversion import SegInversion, make_targets
+from hrhf.losses import predicted_classes
 from hrhf.models import load_checkpoint
+from hrhf.pixels import normalize
 from hrhf.pipeline import sources_of, task_of
 from hrhf.report import class_hit_ratios
 
 
-def hit_ratios(checkpoint: str, overrides: list[str]) -> tuple[list[str], list[float], float]:
-    """Class names, per-class hit ratio and seconds of one inversion of every class of ``checkpoint``."""
+def hit_ratios(
+    checkpoint: str, overrides: list[str], judge: torch.nn.Module | None = None
+) -> tuple[list[str], list[float], float, list[float] | None]:
+    """Class names, per-class hit ratio, seconds of one inversion of every class of ``checkpoint``, judged ratios."""
     teacher, payload = load_checkpoint(checkpoint)
     cfg = apply_overrides(from_dict(payload["config"]), overrides)
     names = sources_of(cfg)[0].class_names
@@ -41,7 +45,21 @@ def hit_ratios(checkpoint: str, overrides: list[str]) -> tuple[list[str], list[f
     seconds = time.perf_counter() - start
     by_class = class_hit_ratios(result.meta)
     hits = [by_class[k] for k in range(1, len(class_ids) + 1)]
-    return [names[c] for c in class_ids], hits, seconds
+    judged = None
+    if judge is not None:
+        judged_by_class = class_hit_ratios(judged_meta(judge, result.images, result.meta))
+        judged = [judged_by_class[k] for k in range(1, len(class_ids) + 1)]
+    return [names[c] for c in class_ids], hits, seconds, judged
+
+
+@torch.no_grad()
+def judged_meta(judge: torch.nn.Module, images: torch.Tensor, meta: list[dict]) -> list[dict]:
+    """``meta`` with each image's area as ``judge`` labels its target class instead of the inverted model."""
+    judge.eval()
+    masks = torch.cat([predicted_classes(judge(normalize(chunk))) for chunk in images.split(64)])
+    classes = torch.tensor([m["class"] for m in meta])
+    area = (masks == classes[:, None, None]).flatten(1).float().mean(1)
+    return [{**m, "area": float(a)} for m, a in zip(meta, area)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,22 +68,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", action="append", required=True, help="a step-0 checkpoint (repeatable)")
     parser.add_argument("--variant", action="append", default=None,
                         help='comma-separated SECTION.KEY=VALUE overrides (repeatable; "" for the stored settings)')
+    parser.add_argument("--judge", default=None,
+                        help="a model of the same classes trained from another seed: also print the ratios it gives")
     args = parser.parse_args(argv)
     variants = args.variant if args.variant is not None else [""]
     torch.set_num_threads(1)
+    judge = load_checkpoint(args.judge)[0] if args.judge else None
     header = None
     command = "python benchmarks/inversion_hits.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"Command: `{command.strip()}`\n")
     for checkpoint in args.checkpoint:
         for variant in variants:
             overrides = [o for o in variant.split(",") if o]
-            names, hits, seconds = hit_ratios(checkpoint, overrides)
+            names, hits, seconds, judged = hit_ratios(checkpoint, overrides, judge)
             if names != header:  # checkpoints of another class order get their own header
                 header = names
                 print("| checkpoint | variant | " + " | ".join(names) + " | lowest | s |")
                 print("|---" * (len(names) + 4) + "|")
             print(f"| {checkpoint} | {variant or 'stored'} | " + " | ".join(f"{h:.2f}" for h in hits)
                   + f" | {min(hits):.2f} | {seconds:.0f} |", flush=True)
+            if judged is not None:
+                print(f"| judged by {args.judge} | {variant or 'stored'} | " + " | ".join(f"{h:.2f}" for h in judged)
+                      + f" | {min(judged):.2f} | |", flush=True)
     return 0
 
 

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hrhf.config import load_config
 from hrhf.pipeline import run
@@ -35,3 +36,31 @@ def test_table_has_a_row_per_checkpoint_and_variant(checkpoint, capsys):
 def test_a_bad_variant_is_refused_by_the_config(checkpoint):
     with pytest.raises(ValueError, match="inversion.init_std must be a finite value > 0"):
         inversion_hits.hit_ratios(checkpoint, ["inversion.init_std=0"])
+
+
+def test_the_inverted_model_as_its_own_judge_gives_its_own_ratios(checkpoint, capsys):
+    assert inversion_hits.main(["--checkpoint", checkpoint, "--variant", "inversion.iterations=3", "--judge", checkpoint]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {checkpoint}", f"| judged by {checkpoint}"]
+    assert rows[0].split(" | ")[2:9] == rows[1].split(" | ")[2:9]
+
+
+class _AlwaysClass(torch.nn.Module):
+    """A judge that labels every pixel as one class."""
+
+    def __init__(self, index: int, classes: int) -> None:
+        super().__init__()
+        self.index, self.classes = index, classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(x.shape[0], self.classes, *x.shape[2:])
+        logits[:, self.index] = 1.0
+        return logits
+
+
+def test_judged_area_is_the_share_the_judge_gives_the_target_class():
+    images = torch.zeros(3, 3, 8, 8, dtype=torch.uint8)
+    meta = [{"class": 1, "scale": 0.2, "area": 0.1}, {"class": 2, "scale": 0.2, "area": 0.2}, {"class": 1, "scale": 0.4, "area": 0.0}]
+    judged = inversion_hits.judged_meta(_AlwaysClass(1, 3), images, meta)
+    assert [m["area"] for m in judged] == [1.0, 0.0, 1.0]
+    assert [m["scale"] for m in judged] == [0.2, 0.2, 0.4] and meta[0]["area"] == 0.1
