@@ -75,9 +75,13 @@ class InversionConfig:
     allocation: str = "uniform"
     coverage_target: float = 0.2
     coverage_min_pixels: float = 0.01  # share of an image's pixels the old model must give a class to see it
-    w_bn: float = 0.05
+    # The image prior: with a weaker BN weight and almost no TV the old model is fooled by
+    # high-frequency noise that a model trained apart does not read as the class, and the student
+    # learns the class from noise (benchmarks/inversion_hits.py --judge measures it). Stronger still
+    # (w_bn 0.5 and more) shrinks the large objects SAA asks for.
+    w_bn: float = 0.2
     first_bn_mult: float = 10.0
-    w_tv: float = 1e-4
+    w_tv: float = 1.0
     w_l2: float = 1e-5
     jitter: int = 4
     init_std: float = 1.0  # standard deviation of the starting noise, in normalised pixel units
