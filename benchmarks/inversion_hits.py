@@ -30,10 +30,16 @@ from hrhf.report import class_hit_ratios
 
 
 def hit_ratios(
-    checkpoint: str, overrides: list[str], judge: torch.nn.Module | None = None
+    checkpoint: str, overrides: list[str], judge: tuple[torch.nn.Module, dict] | None = None
 ) -> tuple[list[str], list[float], float, list[float] | None]:
-    """Class names, per-class hit ratio, seconds of one inversion of every class of ``checkpoint``, judged ratios."""
+    """Class names, per-class hit ratio, seconds of one inversion of every class of ``checkpoint``, judged ratios.
+
+    ``judge`` is a loaded checkpoint (model, payload) that must know the same classes in the same order.
+    """
     teacher, payload = load_checkpoint(checkpoint)
+    if judge is not None and judge[1]["classes"] != payload["classes"]:
+        raise ValueError(f"the judge knows the classes {judge[1]['classes']}, the checkpoint {payload['classes']}: "
+                         "a judge must be trained on the same classes in the same order")
     cfg = apply_overrides(from_dict(payload["config"]), overrides)
     names = sources_of(cfg)[0].class_names
     class_ids = task_of(cfg).steps[0]
@@ -47,7 +53,7 @@ def hit_ratios(
     hits = [by_class[k] for k in range(1, len(class_ids) + 1)]
     judged = None
     if judge is not None:
-        judged_by_class = class_hit_ratios(judged_meta(judge, result.images, result.meta))
+        judged_by_class = class_hit_ratios(judged_meta(judge[0], result.images, result.meta))
         judged = [judged_by_class[k] for k in range(1, len(class_ids) + 1)]
     return [names[c] for c in class_ids], hits, seconds, judged
 
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = args.variant if args.variant is not None else [""]
     torch.set_num_threads(1)
-    judge = load_checkpoint(args.judge)[0] if args.judge else None
+    judge = load_checkpoint(args.judge) if args.judge else None
     header = None
     command = "python benchmarks/inversion_hits.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"Command: `{command.strip()}`\n")

@@ -45,6 +45,15 @@ def test_the_inverted_model_as_its_own_judge_gives_its_own_ratios(checkpoint, ca
     assert rows[0].split(" | ")[2:9] == rows[1].split(" | ")[2:9]
 
 
+def test_a_judge_of_other_classes_is_refused(checkpoint, tmp_path):
+    run_dir = tmp_path / "other"
+    run(load_config("smoke", method="ft", overrides=["data.protocol=5-1"]), run_dir=str(run_dir), log=lambda _: None,
+        last_step=0)
+    with pytest.raises(ValueError, match="same classes in the same order"):
+        inversion_hits.main(["--checkpoint", checkpoint, "--variant", "inversion.iterations=1", "--judge",
+                             str(run_dir / "step-0.pt")])
+
+
 class _AlwaysClass(torch.nn.Module):
     """A judge that labels every pixel as one class."""
 
