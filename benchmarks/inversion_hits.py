@@ -21,7 +21,7 @@ import time
 import torch
 
 from hrhf.config import apply_overrides, from_dict
-from hrhf.inversion import SegInversion, make_targets
+from hrhf.inversion import SegInversion, make_targets, object_area
 from hrhf.losses import predicted_classes
 from hrhf.models import load_checkpoint
 from hrhf.pixels import normalize
@@ -64,7 +64,7 @@ def judged_meta(judge: torch.nn.Module, images: torch.Tensor, meta: list[dict]) 
     judge.eval()
     masks = torch.cat([predicted_classes(judge(normalize(chunk))) for chunk in images.split(64)])
     classes = torch.tensor([m["class"] for m in meta])
-    area = (masks == classes[:, None, None]).flatten(1).float().mean(1)
+    area = object_area(masks, classes)
     return [{**m, "area": float(a)} for m, a in zip(meta, area)]
 
 

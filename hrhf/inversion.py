@@ -185,6 +185,11 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _ChannelMoments.apply(x)
 
 
+def object_area(masks: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Per image, the share of its pixels a label map (N, H, W) gives the image's target class."""
+    return (masks == classes[:, None, None]).flatten(1).float().mean(1)
+
+
 def describe_targets(targets: Sequence[Target], limit: int = 3) -> str:
     """'class 2 scale 0.1 seed 1001, ...' for the first ``limit`` targets, and how many more."""
     named = ", ".join(f"class {t.class_index} scale {t.scale:g} seed {t.seed}" for t in targets[:limit])
@@ -347,7 +352,7 @@ class SegInversion:
                 f"{describe_targets([t for t, ok in zip(targets, loss_finite.tolist()) if not ok])}"
             )
         masks = predicted_classes(logits).cpu()
-        area = (masks == classes.cpu()[:, None, None]).flatten(1).float().mean(1)
+        area = object_area(masks, classes.cpu())
         meta = [
             {"class": t.class_index, "scale": t.scale, "seed": t.seed, "loss": float(final_loss[i]), "area": float(area[i]),
              "retried": False}
