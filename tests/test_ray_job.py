@@ -4,9 +4,11 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,28 @@ def wait_until_accepting_jobs(head: dict, timeout_s: float = 120.0) -> None:
         time.sleep(2)
 
 
+def start_head(base: str, env: dict, attempts: int = 3, pick_port: Callable[[], int] = free_port) -> int:
+    """`ray start --head` with its files under ``base``; return the dashboard's port.
+
+    The ports are free when chosen but another process of the machine may take one before Ray binds
+    it, so a failed start is cleaned up and tried again on fresh ports.
+    """
+    for _ in range(attempts):
+        port, dashboard = pick_port(), pick_port()
+        command = [
+            "ray", "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=2",
+            "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={base}/ray",
+            # its default, 52365, is taken by any other Ray instance on the machine, and then no job can run
+            f"--dashboard-agent-listen-port={pick_port()}",
+        ]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+        if result.returncode == 0:
+            return dashboard
+        stop_cluster(base)
+        shutil.rmtree(f"{base}/ray", ignore_errors=True)
+    raise RuntimeError(f"`ray start --head` failed {attempts} times; the last said:\n{result.stderr[-3000:]}")
+
+
 @pytest.fixture(scope="module")
 def ray_head(s3_endpoint):
     """A one-node Ray cluster of its own, started with the CLI (token authentication on) and stopped alone.
@@ -50,18 +74,11 @@ def ray_head(s3_endpoint):
     machine, and turns token authentication on as for any cluster it finds itself.
     """
     base = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    port, dashboard = free_port(), free_port()
     # the cluster and its clients use the token of the default path, ~/.ray/auth_token (created if missing)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     env.update(RAY_AUTH_MODE="token", RAY_TMPDIR=base)
     try:
-        subprocess.run(
-            ["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=2",
-             "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={base}/ray",
-             # its default, 52365, is taken by any other Ray instance on the machine, and then no job can run
-             f"--dashboard-agent-listen-port={free_port()}"],
-            check=True, env=env, capture_output=True, timeout=180,
-        )
+        dashboard = start_head(base, env)
         head = {"address": f"http://127.0.0.1:{dashboard}", "env": env, "directory": base}
         wait_until_accepting_jobs(head)
         with pytest.MonkeyPatch.context() as patch:
@@ -153,6 +170,28 @@ def test_stopping_a_cluster_leaves_the_othersis_running(ray_head):
     finally:
         stop_cluster(other)
         shutil.rmtree(other, ignore_errors=True)
+
+
+def test_a_head_start_on_a_taken_port_is_tried_again():
+    base = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_AUTH_MODE="token", RAY_TMPDIR=base)
+    picked = []
+
+    def first_port_taken() -> int:
+        picked.append(taken.getsockname()[1] if not picked else free_port())
+        return picked[-1]
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        try:
+            start_head(base, env, pick_port=first_port_taken)  # the first GCS port is the one held here
+            assert len(picked) == 6, "the start on a taken port did not fail, or was not tried again"
+            assert len(core_processes(f"{base}/ray")) == 2
+        finally:
+            stop_cluster(base)
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def test_job_submit_runs_and_resumes(ray_head, tmp_path):
