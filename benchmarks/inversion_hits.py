@@ -3,9 +3,10 @@
     python benchmarks/inversion_hits.py --checkpoint runs/quality-cache/base-c1-2-3-4-5-oNone-s0/step-0.pt \
         --variant "" --variant "inversion.jitter=0,inversion.init_std=0.1"
 
-For each step-0 checkpoint and each variant (comma-separated overrides of the inversion settings stored
-in the checkpoint's config; "" keeps them), synthesises the step-1 targets of every class the checkpoint
-knows (``inversion.images_per_scale`` images at each of ``inversion.scales``) and prints a Markdown table
+For each checkpoint and each variant (comma-separated overrides of the inversion settings stored in the
+checkpoint's config; "" keeps them), synthesises every base class of the checkpoint as the next step
+would (``inversion.images_per_scale`` images at each of ``inversion.scales``; a later step's model is
+the teacher of the step after it) and prints a Markdown table
 of the hit ratio per class: the mean over the class's images of (pixels the old model labels as the
 target class) / (the SAA ratio r asked of the image). About 1 means objects of the asked size; about 0
 means the class was not made and will not be replayed. Nothing here looks at a trained student's mIoU.
@@ -34,12 +35,13 @@ def hit_ratios(
 ) -> tuple[list[str], list[float], float, list[float] | None]:
     """Class names, per-class hit ratio, seconds of one inversion of every class of ``checkpoint``, judged ratios.
 
-    ``judge`` is a loaded checkpoint (model, payload) that must know the same classes in the same order.
+    ``judge`` is a loaded checkpoint (model, payload) whose base classes are the checkpoint's, in the same
+    order: a step-0 model trained apart, which judges a later step's model too.
     """
     teacher, payload = load_checkpoint(checkpoint)
-    if judge is not None and judge[1]["classes"] != payload["classes"]:
-        raise ValueError(f"the judge knows the classes {judge[1]['classes']}, the checkpoint {payload['classes']}: "
-                         "a judge must be trained on the same classes in the same order")
+    if judge is not None and judge[1]["classes"][0] != payload["classes"][0]:
+        raise ValueError(f"the judge's base classes are {judge[1]['classes'][0]}, the checkpoint's "
+                         f"{payload['classes'][0]}: a judge must be trained on the same classes in the same order")
     cfg = apply_overrides(from_dict(payload["config"]), overrides)
     names = sources_of(cfg)[0].class_names
     class_ids = task_of(cfg).steps[0]
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=None,
                         help='comma-separated SECTION.KEY=VALUE overrides (repeatable; "" for the stored settings)')
     parser.add_argument("--judge", default=None,
-                        help="a model of the same classes trained from another seed: also print the ratios it gives")
+                        help="a model of the same base classes trained from another seed: also print the ratios it gives")
     args = parser.parse_args(argv)
     variants = args.variant if args.variant is not None else [""]
     torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""benchmarks/inversion_hits.py: the per-class hit ratio table of a step-0 checkpoint."""
+"""benchmarks/inversion_hits.py: the per-class hit ratio table of a checkpoint's base classes."""
 
 import sys
 from pathlib import Path
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hrhf.config import load_config
+from hrhf.models import load_checkpoint
 from hrhf.pipeline import run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -52,6 +53,18 @@ def test_a_judge_of_other_classes_is_refused(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="same classes in the same order"):
         inversion_hits.main(["--checkpoint", checkpoint, "--variant", "inversion.iterations=1", "--judge",
                              str(run_dir / "step-0.pt")])
+
+
+def test_a_later_steps_model_is_judged_on_its_base_classes(checkpoint, tmp_path):
+    run_dir = tmp_path / "later"
+    cfg = load_config("smoke", method="ft", overrides=[f"train.init_checkpoint={checkpoint}"])
+    run(cfg, run_dir=str(run_dir), log=lambda _: None, last_step=1)
+    later = str(run_dir / "step-1.pt")
+    names, hits, _, judged = inversion_hits.hit_ratios(later, ["inversion.iterations=2"], load_checkpoint(later))
+    assert names == ["disc", "square", "triangle", "ring", "cross", "star"]  # step 0's classes, not step 1's
+    assert judged == hits  # its own judge
+    names, _, _, judged = inversion_hits.hit_ratios(later, ["inversion.iterations=2"], load_checkpoint(checkpoint))
+    assert len(judged) == len(names) and all(j >= 0 for j in judged)
 
 
 class _AlwaysClass(torch.nn.Module):
