@@ -26,7 +26,7 @@ from hrhf.inversion import SegInversion, make_targets, object_area
 from hrhf.losses import predicted_classes
 from hrhf.models import load_checkpoint
 from hrhf.pixels import normalize
-from hrhf.pipeline import LocalEvaluator, prior_targets, sources_of, step_datasets, task_of
+from hrhf.pipeline import sources_of, task_of
 from hrhf.report import class_hit_ratios
 
 
@@ -43,17 +43,12 @@ def hit_ratios(
         raise ValueError(f"the judge's base classes are {judge[1]['classes'][0]}, the checkpoint's "
                          f"{payload['classes'][0]}: a judge must be trained on the same classes in the same order")
     cfg = apply_overrides(from_dict(payload["config"]), overrides)
-    task, sources = task_of(cfg), sources_of(cfg)
-    if payload["step"] + 1 >= task.num_steps:
-        raise ValueError(f"{checkpoint} is the last step's model of {task.name}: no step synthesises from it")
-    names, class_ids = sources[0].class_names, task.steps[0]
+    names = sources_of(cfg)[0].class_names
+    class_ids = task_of(cfg).steps[0]
     targets = make_targets(list(range(1, len(class_ids) + 1)), cfg.inversion.scales, cfg.inversion.images_per_scale,
                            base_seed=cfg.seed)
-    # inversion.bn_prior=real reads the real images of the step this model is the teacher of
-    real, _ = step_datasets(cfg, task, payload["step"] + 1, sources)
     start = time.perf_counter()
-    bn_targets = prior_targets(cfg, teacher, real, LocalEvaluator())
-    with SegInversion(teacher, cfg.inversion, cfg.data.image_size, bn_targets=bn_targets) as inverter:
+    with SegInversion(teacher, cfg.inversion, cfg.data.image_size) as inverter:
         result = inverter.invert(targets)
     seconds = time.perf_counter() - start
     by_class = class_hit_ratios(result.meta)

@@ -80,10 +80,6 @@ class InversionConfig:
     # learns the class from noise (benchmarks/inversion_hits.py --judge measures it). Stronger still
     # (w_bn 0.5 and more) shrinks the large objects SAA asks for.
     w_bn: float = 0.2
-    # What the BN prior pulls each layer's input statistics towards. running: the teacher's running
-    # statistics, which after step 1 mix its real and its synthetic training batches; real: those of
-    # the teacher's inputs on this step's real training images (one forward pass over them)
-    bn_prior: str = "running"
     first_bn_mult: float = 10.0
     w_tv: float = 1.0
     w_l2: float = 1e-5
@@ -156,7 +152,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     ),
     "inversion.aggregation": ("saa", "gap", "gmp"),
     "inversion.allocation": ("uniform", "coverage"),
-    "inversion.bn_prior": ("running", "real"),
     "method.ce": ("plain", "unbiased", "pseudo", "plop"),
     "method.kd_real": ("none", "plain", "unbiased"),
     "method.init": ("mib", "random"),

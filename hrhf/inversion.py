@@ -185,52 +185,6 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _ChannelMoments.apply(x)
 
 
-BatchNormTargets = list[tuple[torch.Tensor, torch.Tensor]]  # per BatchNorm2d layer in module order: mean, variance
-
-
-def batchnorm_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
-    """The model's BatchNorm2d layers, in module order: the order of the BN prior's terms and targets."""
-    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-
-
-@torch.no_grad()
-def batchnorm_input_sums(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """For each BatchNorm2d layer of ``model`` (in eval mode) on ``images``: per-channel sums of its input and of
-    its square, and the count of values per channel, as one float64 vector; sums over batches add up."""
-    parts: list[torch.Tensor] = []
-
-    def record(_module: nn.Module, inputs: tuple[torch.Tensor], _output: torch.Tensor) -> None:
-        x = inputs[0].double()
-        count = x.new_tensor([x.numel() // x.shape[1]])
-        parts.append(torch.cat([x.sum(dim=(0, 2, 3)), x.pow(2).sum(dim=(0, 2, 3)), count]).cpu())
-
-    hooks = [m.register_forward_hook(record) for m in batchnorm_layers(model)]
-    try:
-        model.eval()(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return torch.cat(parts)
-
-
-def batchnorm_targets(model: nn.Module, sums: torch.Tensor) -> BatchNormTargets:
-    """Per BatchNorm2d layer, the mean and (biased) variance of its input from summed ``batchnorm_input_sums``."""
-    layers = batchnorm_layers(model)
-    expected = sum(2 * m.num_features + 1 for m in layers)
-    if sums.numel() != expected:
-        raise ValueError(f"{sums.numel()} BatchNorm input sums for a model whose layers need {expected}")
-    targets, offset = [], 0
-    for layer in layers:
-        channels = layer.num_features
-        total, squares, count = sums[offset : offset + channels], sums[offset + channels : offset + 2 * channels], sums[offset + 2 * channels]
-        offset += 2 * channels + 1
-        if count <= 0:
-            raise ValueError("BatchNorm input statistics of no image")
-        mean = total / count
-        targets.append((mean.float(), (squares / count - mean * mean).clamp(min=0).float()))
-    return targets
-
-
 def object_area(masks: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Per image, the share of its pixels a label map (N, H, W) gives the image's target class."""
     return (masks == classes[:, None, None]).flatten(1).float().mean(1)
@@ -278,8 +232,6 @@ class ImageAdam:
 class SegInversion:
     """Inverts a frozen segmentation model into images with objects of chosen classes and sizes.
 
-    The BN prior pulls each BatchNorm layer's input statistics towards ``bn_targets`` (per layer in
-    module order, mean and variance; ``batchnorm_targets``), by default the teacher's running statistics.
     Use as a context manager (or call ``close``) so that the BatchNorm hooks are removed. A NaN or
     infinite loss (looked at every ``finite_check_every`` iterations and after the last) or final image
     raises ``NonFiniteError`` before anything is quantised.
@@ -288,14 +240,7 @@ class SegInversion:
     # Reading the loss flag back costs a device synchronisation, so not every iteration.
     finite_check_every = 25
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        cfg: InversionConfig,
-        image_size: int,
-        device: str = "cpu",
-        bn_targets: BatchNormTargets | None = None,
-    ) -> None:
+    def __init__(self, teacher: nn.Module, cfg: InversionConfig, image_size: int, device: str = "cpu") -> None:
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         self.cfg = cfg
         self.image_size = image_size
@@ -303,22 +248,16 @@ class SegInversion:
         self.low, self.high = (b.to(device) for b in pixel_bounds())
         self._bn_terms: list[torch.Tensor] = []
         self._recording = False
-        bn_layers = batchnorm_layers(self.teacher)
+        bn_layers = [m for m in self.teacher.modules() if isinstance(m, nn.BatchNorm2d)]
         if not bn_layers:
             raise ValueError("SegInversion needs a teacher with BatchNorm2d layers (the BN-statistics prior)")
-        if bn_targets is None:  # the teacher's running statistics, read at each call (they are the model's)
-            bn_targets = [(m.running_mean, m.running_var) for m in bn_layers]
-        if len(bn_targets) != len(bn_layers):
-            raise ValueError(f"{len(bn_targets)} BatchNorm targets for a teacher with {len(bn_layers)} BatchNorm2d layers")
-        self._targets = {m: (mean.to(device), var.to(device)) for m, (mean, var) in zip(bn_layers, bn_targets)}
         self._hooks = [m.register_forward_hook(self._bn_hook) for m in bn_layers]
 
     def _bn_hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
         if not self._recording:
             return
         mean, var = channel_moments(inputs[0].float())  # a no-op in float32; exact statistics under bf16
-        target_mean, target_var = self._targets[module]
-        self._bn_terms.append(torch.linalg.vector_norm(mean - target_mean) + torch.linalg.vector_norm(var - target_var))
+        self._bn_terms.append(torch.linalg.vector_norm(mean - module.running_mean) + torch.linalg.vector_norm(var - module.running_var))
 
     def bn_prior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher logits on ``x`` and the BN-statistics prior R_bn (first layer weighted by first_bn_mult)."""

@@ -24,15 +24,12 @@ from hrhf.config import Config
 from hrhf.data import build_step_datasets, make_source
 from hrhf.data.transforms import eval_transform, train_transform
 from hrhf.inversion import (
-    BatchNormTargets,
     NonFiniteError,
     SegInversion,
     SyntheticData,
     SyntheticSet,
     Target,
     allocate_images,
-    batchnorm_input_sums,
-    batchnorm_targets,
     make_targets,
 )
 from hrhf.losses import predicted_classes
@@ -57,10 +54,8 @@ WEAK_HIT_RATIO = 0.25  # a class whose synthetic objects the old model sees at u
 class Synthesizer(Protocol):
     """Turns a frozen old model and a list of targets into a synthetic set."""
 
-    def synthesize(
-        self, teacher: nn.Module, targets: list[Target], step: int, bn_targets: BatchNormTargets | None = None
-    ) -> SyntheticData:
-        """Invert ``teacher`` for every target; ``bn_targets`` replace its running statistics in the BN prior."""
+    def synthesize(self, teacher: nn.Module, targets: list[Target], step: int) -> SyntheticData:
+        """Invert ``teacher`` for every target."""
         ...
 
 
@@ -85,10 +80,6 @@ class Evaluator(Protocol):
         """Per class, how many images of ``dataset`` the model gives at least ``min_share`` of their pixels."""
         ...
 
-    def batchnorm_input_sums(self, cfg: Config, model: nn.Module, dataset: Dataset) -> torch.Tensor:
-        """hrhf.inversion.batchnorm_input_sums of ``model`` over every image of ``dataset``, summed."""
-        ...
-
 
 class LocalEvaluator:
     """Evaluation in this process (evaluate_step)."""
@@ -108,12 +99,6 @@ class LocalEvaluator:
             total += images_showing(predicted_classes(model(images.to(cfg.device))), num_classes, min_share)
         return total
 
-    def batchnorm_input_sums(self, cfg: Config, model: nn.Module, dataset: Dataset) -> torch.Tensor:
-        """hrhf.inversion.batchnorm_input_sums of ``model`` over every image of ``dataset``, summed."""
-        model.to(cfg.device)
-        loader = DataLoader(dataset, batch_size=prediction_batch_size(cfg), collate_fn=collate_items)
-        return sum(batchnorm_input_sums(model, images.to(cfg.device)) for images, _ in loader)
-
 
 @dataclass
 class Workers:
@@ -131,9 +116,7 @@ class LocalSynthesizer:
         self.cfg = cfg
         self.log = as_progress(log)
 
-    def synthesize(
-        self, teacher: nn.Module, targets: list[Target], step: int, bn_targets: BatchNormTargets | None = None
-    ) -> SyntheticSet:
+    def synthesize(self, teacher: nn.Module, targets: list[Target], step: int) -> SyntheticSet:
         """Invert all targets in this process, batch by batch."""
         start = time.perf_counter()
         self.log.event("synthesis", step, done=0, total=len(targets), unit="images")
@@ -142,7 +125,7 @@ class LocalSynthesizer:
             rate = done / max(time.perf_counter() - start, 1e-9)
             self.log.event("synthesis", step, done=done, total=total, unit="images", images_per_s=round(rate, 2))
 
-        with SegInversion(teacher, self.cfg.inversion, self.cfg.data.image_size, self.cfg.device, bn_targets) as inverter:
+        with SegInversion(teacher, self.cfg.inversion, self.cfg.data.image_size, self.cfg.device) as inverter:
             return inverter.invert(targets, on_batch=progress)
 
 
@@ -235,14 +218,6 @@ def synthesis_budget(
     presence = [round(float(count) / max(len(real), 1), 4) for count in seen[1:]]
     return {"images_per_scale": allocate_images(presence, inv.images_per_scale, inv.coverage_target),
             "presence": presence}
-
-
-def prior_targets(cfg: Config, teacher: nn.Module, real: Dataset, evaluator: Evaluator) -> BatchNormTargets | None:
-    """What the BN prior pulls towards (``inversion.bn_prior``): None for the teacher's running statistics, or the
-    statistics of its BatchNorm inputs on the step's real training images (summed on the evaluator's workers)."""
-    if cfg.inversion.bn_prior == "running":
-        return None
-    return batchnorm_targets(teacher, evaluator.batchnorm_input_sums(cfg, teacher, SeededItems(real, cfg.seed)))
 
 
 def _warn_of_weak_synthesis(progress: Progress, step: int, summary: dict[str, float] | None, old_names: list[str]) -> None:
@@ -510,7 +485,7 @@ def _run_steps(
                     progress.event("synthesis", step, "coverage allocation (share of real images -> images per scale): "
                                    + ", ".join(f"{names[c]} {p:.0%} -> {k}" for c, p, k in shown))
                 targets = step_targets(cfg, task, step, budget["images_per_scale"])
-                fake = workers.synthesizer.synthesize(teacher, targets, step, prior_targets(cfg, teacher, real, workers.evaluator))
+                fake = workers.synthesizer.synthesize(teacher, targets, step)
                 synth_seconds = time.perf_counter() - synth_start
                 synthesis = synthesis_summary(fake)
                 _warn_of_weak_synthesis(progress, step, synthesis, [names[c] for c in task.old_classes(step)])

@@ -14,9 +14,6 @@ from hrhf.inversion import (
     SegInversion,
     SyntheticSet,
     aggregation_loss,
-    batchnorm_input_sums,
-    batchnorm_layers,
-    batchnorm_targets,
     channel_moments,
     make_targets,
     top_k_mean,
@@ -109,40 +106,6 @@ def test_bn_prior_decreases(teacher):
 
     start, end = prior_after(0), prior_after(60)  # iterations=0 returns the initial noise
     assert end < 0.7 * start
-
-
-def test_batchnorm_targets_are_the_input_statistics_of_every_layer_summed_over_batches(teacher):
-    images = torch.randn(10, 3, 24, 24)
-    seen = []
-    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(i[0])) for m in batchnorm_layers(teacher)]
-    with torch.no_grad():
-        teacher(images)
-    for hook in hooks:
-        hook.remove()
-    sums = batchnorm_input_sums(teacher, images[:3]) + batchnorm_input_sums(teacher, images[3:])
-    targets = batchnorm_targets(teacher, sums)
-    assert len(targets) == len(seen) == len(batchnorm_layers(teacher))
-    for (mean, var), x in zip(targets, seen):
-        torch.testing.assert_close(mean, x.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(var, x.var(dim=(0, 2, 3), unbiased=False), atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="BatchNorm input sums"):
-        batchnorm_targets(teacher, sums[:-1])
-
-
-def test_bn_prior_pulls_towards_the_given_targets(teacher):
-    targets = make_targets([1, 2], [0.2], 2, base_seed=4)
-    running = [(m.running_mean.clone(), m.running_var.clone()) for m in batchnorm_layers(teacher)]
-    with SegInversion(teacher, _cfg(iterations=5), image_size=48) as inverter:
-        default = inverter.invert(targets)
-    with SegInversion(teacher, _cfg(iterations=5), image_size=48, bn_targets=running) as inverter:
-        assert torch.equal(inverter.invert(targets).images, default.images)
-    shifted = [(mean + 1.0, var * 2.0) for mean, var in running]
-    with SegInversion(teacher, _cfg(iterations=5), image_size=48, bn_targets=shifted) as inverter:
-        moved = inverter.invert(targets)
-        prior_moved, prior_default = (float(inverter.bn_prior(normalize(s.images))[1]) for s in (moved, default))
-    assert prior_moved < prior_default  # nearer to the targets it was pulled towards
-    with pytest.raises(ValueError, match="BatchNorm targets for a teacher"):
-        SegInversion(teacher, _cfg(), image_size=48, bn_targets=running[:-1])
 
 
 def test_inversion_output_and_determinism(teacher):

@@ -63,13 +63,8 @@ def test_a_later_steps_model_is_judged_on_its_base_classes(checkpoint, tmp_path)
     names, hits, _, judged = inversion_hits.hit_ratios(later, ["inversion.iterations=2"], load_checkpoint(later))
     assert names == ["disc", "square", "triangle", "ring", "cross", "star"]  # step 0's classes, not step 1's
     assert judged == hits  # its own judge
-    names, _, _, judged = inversion_hits.hit_ratios(later, ["inversion.iterations=2", "inversion.bn_prior=real"],
-                                                    load_checkpoint(checkpoint))
+    names, _, _, judged = inversion_hits.hit_ratios(later, ["inversion.iterations=2"], load_checkpoint(checkpoint))
     assert len(judged) == len(names) and all(j >= 0 for j in judged)
-    last = str(run_dir / "step-2.pt")
-    run(cfg, run_dir=str(run_dir), log=lambda _: None)
-    with pytest.raises(ValueError, match="no step synthesises from it"):
-        inversion_hits.hit_ratios(last, [])
 
 
 class _AlwaysClass(torch.nn.Module):

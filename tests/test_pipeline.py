@@ -1,14 +1,10 @@
-import copy
 import json
 
 import pytest
-import torch
 
 from hrhf.config import load_config
 from hrhf.methods import METHODS
-from hrhf.inversion import batchnorm_input_sums, batchnorm_targets
-from hrhf.pipeline import WEAK_HIT_RATIO, LocalSynthesizer, run, sources_of, step_datasets, task_of
-from hrhf.train import SeededItems
+from hrhf.pipeline import WEAK_HIT_RATIO, LocalSynthesizer, run
 
 
 def quiet(_msg: str) -> None:
@@ -65,9 +61,9 @@ def test_partial_run_continues_from_last_checkpoint(tmp_path):
     calls = []
 
     class RecordingSynth(LocalSynthesizer):
-        def synthesize(self, teacher, targets, step, bn_targets=None):
+        def synthesize(self, teacher, targets, step):
             calls.append(step)
-            return super().synthesize(teacher, targets, step, bn_targets)
+            return super().synthesize(teacher, targets, step)
 
     run(cfg, run_dir=str(tmp_path), synthesizer=RecordingSynth(cfg, quiet), log=quiet, last_step=1)
     assert calls == [1]
@@ -76,31 +72,6 @@ def test_partial_run_continues_from_last_checkpoint(tmp_path):
     assert [s["step"] for s in report["steps"]] == [0, 1, 2]
     assert calls == [2]  # steps 0 and 1 come from their checkpoints; only the new step 2 synthesises
     assert report["steps"][2]["num_fake"] > 0
-
-
-@pytest.mark.parametrize("bn_prior", ["running", "real"])
-def test_the_bn_prior_of_real_images_is_the_teachers_statistics_on_the_steps_training_images(bn_prior, tmp_path):
-    cfg = load_config("smoke", method="hrhf", overrides=[f"inversion.bn_prior={bn_prior}"])
-    given = []
-
-    class RecordingSynth(LocalSynthesizer):
-        def synthesize(self, teacher, targets, step, bn_targets=None):
-            given.append((copy.deepcopy(teacher), bn_targets))
-            return super().synthesize(teacher, targets, step, bn_targets)
-
-    run(cfg, run_dir=str(tmp_path), synthesizer=RecordingSynth(cfg, quiet), log=quiet, last_step=1)
-    [(teacher, bn_targets)] = given
-    if bn_prior == "running":
-        assert bn_targets is None
-        return
-    task = task_of(cfg)
-    real, _ = step_datasets(cfg, task, 1, sources_of(cfg))
-    images = torch.stack([image for image, _ in SeededItems(real, cfg.seed)])
-    expected = batchnorm_targets(teacher, batchnorm_input_sums(teacher, images))
-    assert len(bn_targets) == len(expected) > 0
-    for (mean, var), (want_mean, want_var) in zip(bn_targets, expected):
-        torch.testing.assert_close(mean, want_mean)
-        torch.testing.assert_close(var, want_var)
 
 
 def test_run_dir_with_another_config_is_refused(tmp_path):

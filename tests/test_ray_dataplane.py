@@ -16,7 +16,7 @@ from hrhf.data.transforms import eval_transform, train_transform
 from hrhf.distributed.evaluation import RayEvaluator
 from hrhf.distributed.synthesis import RaySynthesizer
 from hrhf.distributed.training import FakeRows, RayTrainer, RealStream, StreamedFake, real_schedule
-from hrhf.inversion import SyntheticSet, batchnorm_layers, batchnorm_targets
+from hrhf.inversion import SyntheticSet
 from hrhf.models import build_model
 from hrhf.pipeline import LocalEvaluator, evaluate_step, run
 from hrhf.shards import ShardStore, StoredSynthetic, to_table
@@ -60,22 +60,6 @@ def test_ray_presence_counts_equal_the_local_ones_on_augmented_training_images()
     distributed = RayEvaluator(num_actors=2, cpus_per_actor=1.0).images_showing(cfg, model, real, 7, 0.01)
     assert torch.equal(distributed, local)
     assert local.shape == (7,) and local.max() <= len(real) and local.sum() >= len(real)  # each image shows a class
-
-
-def test_ray_batchnorm_input_sums_equal_the_local_ones():
-    """The BN prior of real images: the teacher's BatchNorm input statistics on the step's training images."""
-    cfg = load_config("smoke", overrides=["train.batch_size=8", "model.width=4"])
-    task = make_task("shapes", "6-2-2", overlap=True)
-    source = make_source("shapes", "train", image_size=32, size=30, seed=1)
-    real = SeededItems(StepDataset(source, range(len(source)), label_lut(task, 1, "train"), train_transform(32)), 3)
-    torch.manual_seed(0)
-    model = build_model("small", 7, width=4)
-    local = LocalEvaluator().batchnorm_input_sums(cfg, model, real)
-    distributed = RayEvaluator(num_actors=2, cpus_per_actor=1.0).batchnorm_input_sums(cfg, model, real)
-    assert distributed.dtype == torch.float64 and distributed.shape == local.shape
-    torch.testing.assert_close(distributed, local, rtol=1e-9, atol=1e-6)  # the same sums, added in another order
-    counts = batchnorm_targets(model, distributed)
-    assert len(counts) == len(batchnorm_layers(model))
 
 
 @pytest.mark.skipif(not VOC_MINI.exists(), reason="the VOC sample is not beside the repository")

@@ -27,7 +27,7 @@ from torch import nn
 from hrhf.config import Config, InversionConfig
 from hrhf.distributed import peak_rss_mb
 from hrhf.distributed.devices import compute_device
-from hrhf.inversion import BatchNormTargets, NonFiniteError, SegInversion, SyntheticSet, Target
+from hrhf.inversion import NonFiniteError, SegInversion, SyntheticSet, Target
 from hrhf.models import ModelSpec
 from hrhf.progress import as_progress
 from hrhf.shards import NO_MARKER, ShardStore, StoredSynthetic, from_table, gallery_rows, make_shards, to_table
@@ -40,14 +40,10 @@ FAULT_DIR_ENV = "HRHF_SYNTHESIS_FAULTS"
 Shard = tuple[str, list[Target]]
 
 
-def model_id(model: nn.Module, bn_targets: BatchNormTargets | None = None) -> str:
-    """First 12 hex digits of the sha256 of a model's state dict (names and tensor bytes) and of the BN prior's
-    targets when they are not its running statistics: what a synthetic image depends on besides its target."""
+def model_id(model: nn.Module) -> str:
+    """First 12 hex digits of the sha256 of a model's state dict (names and tensor bytes)."""
     digest = hashlib.sha256()
-    named = sorted(model.state_dict().items())
-    if bn_targets is not None:
-        named += [(f"bn_target.{i}.{part}", t) for i, pair in enumerate(bn_targets) for part, t in zip("mv", pair)]
-    for name, tensor in named:
+    for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:12]
@@ -70,12 +66,10 @@ class SynthesisActor:
     """Holds a SegInversion of the teacher and inverts one shard of targets per call."""
 
     def __init__(
-        self, teacher: ModelSpec, cfg: InversionConfig, image_size: int, use_gpu: bool, torch_threads: int,
-        bn_targets: BatchNormTargets | None = None,
+        self, teacher: ModelSpec, cfg: InversionConfig, image_size: int, use_gpu: bool, torch_threads: int
     ) -> None:
         torch.set_num_threads(torch_threads)
-        device = compute_device(use_gpu, "synthesis")
-        self.inverter = SegInversion(teacher.build(), cfg, image_size, device, bn_targets)
+        self.inverter = SegInversion(teacher.build(), cfg, image_size, compute_device(use_gpu, "synthesis"))
 
     @ray.method(num_returns=2)
     def run_shard(
@@ -165,23 +159,17 @@ class RaySynthesizer:
         if self.store is not None:
             self.store.check_access()  # fail before any work, not after the first step has trained
 
-    def synthesize(
-        self, teacher: nn.Module, targets: list[Target], step: int, bn_targets: BatchNormTargets | None = None
-    ) -> StoredSynthetic | ObjectStoreSynthetic:
-        """Invert every target on the actor pool; a handle on the images, in target order (the driver holds no image).
-
-        ``bn_targets`` replace the teacher's running statistics in the BN prior (hrhf.inversion.SegInversion).
-        """
+    def synthesize(self, teacher: nn.Module, targets: list[Target], step: int) -> StoredSynthetic | ObjectStoreSynthetic:
+        """Invert every target on the actor pool; a handle on the images, in target order (the driver holds no image)."""
         seeds = [t.seed for t in targets]
         if len(set(seeds)) != len(seeds):
             raise ValueError("target seeds must be unique: a seed identifies a synthetic image")
         shards = make_shards(targets, self.shard_size, step)
-        teacher_id = model_id(teacher, bn_targets)
+        teacher_id = model_id(teacher)
         todo = self._unfinished(shards, teacher_id, step)
         if self.store is not None and todo:
             self.store.remove_step_manifest(step)  # it would name shards that are about to be rewritten
-        results = self._run(teacher, bn_targets, todo, step, teacher_id, finished=len(shards) - len(todo),
-                            total=len(shards))
+        results = self._run(teacher, todo, step, teacher_id, finished=len(shards) - len(todo), total=len(shards))
         if self.store is not None:
             # read_shard checks each shard against its marker's checksum, check_seeds the seeds
             self.store.write_step_manifest(step, [shard_id for shard_id, _ in shards])
@@ -210,8 +198,7 @@ class RaySynthesizer:
         return todo
 
     def _run(
-        self, teacher: nn.Module, bn_targets: BatchNormTargets | None, todo: list[Shard], step: int, teacher_id: str,
-        finished: int, total: int,
+        self, teacher: nn.Module, todo: list[Shard], step: int, teacher_id: str, finished: int, total: int
     ) -> dict[str, Any]:
         if not todo:
             return {}
@@ -222,8 +209,7 @@ class RaySynthesizer:
 
         def new_actor() -> ray.actor.ActorHandle:
             return SynthesisActor.options(**options).remote(
-                spec, self.cfg.inversion, self.cfg.data.image_size, self.use_gpu, max(1, int(self.cpus_per_actor)),
-                bn_targets,
+                spec, self.cfg.inversion, self.cfg.data.image_size, self.use_gpu, max(1, int(self.cpus_per_actor))
             )
 
         actors = [new_actor() for _ in range(min(self.num_actors, len(todo)))]
