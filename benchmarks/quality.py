@@ -8,7 +8,8 @@ Prints Markdown tables of mIoU in percent (old / new / all after the last step, 
 step-0 model of a seed is trained once and shared by every method that starts from it; joint training
 (the upper bound) is run for the last step only. ``--json PATH`` writes the last step's means as
 fractions in [0, 1]: ``{method: {"old", "new", "all"}}`` for one protocol, ``{protocol: {method: ...}}``
-for several.
+for several. ``--runs-dir DIR`` keeps every run's directory (step checkpoints, galleries, report) as
+DIR/METHOD-PROTOCOL-sSEED, for benchmarks/inversion_hits.py and the like; a rerun into it resumes.
 """
 
 from __future__ import annotations
@@ -123,11 +124,14 @@ def quality(args: argparse.Namespace) -> dict:
             for method in methods:
                 if method == "joint":
                     cfg = make_config(args, method, protocol, seed)
-                    jobs.append(("run", cfg, {"first_step": task_of(cfg).num_steps - 1}))
+                    options = {"first_step": task_of(cfg).num_steps - 1}
                 else:
                     base = base_dir(args, make_config(args, "ft", protocol, seed))
                     cfg = make_config(args, method, protocol, seed, [f"train.init_checkpoint={base}/step-0.pt"])
-                    jobs.append(("run", cfg, {}))
+                    options = {}
+                if args.runs_dir:
+                    options["run_dir"] = str(Path(args.runs_dir) / f"{method}-{protocol}-s{seed}")
+                jobs.append(("run", cfg, options))
     print(f"running {len(jobs)} incremental runs on {args.jobs} processes", file=sys.stderr, flush=True)
     results: dict = {}
     for _, cfg, report in run_jobs(jobs, args.jobs):
@@ -333,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
     parser.add_argument("--cache-dir", default="runs/quality-cache", help="where step-0 models are kept")
     parser.add_argument("--json", default=None, help="write the last step's means (fractions in [0, 1]) here")
+    parser.add_argument("--runs-dir", default=None,
+                        help="keep each run's directory (checkpoints, galleries, report) here as METHOD-PROTOCOL-sSEED")
     parser.add_argument("--ablation", action="store_true", help="compare SAA with GAP and GMP instead")
     args = parser.parse_args(argv)
     args.seeds = args.seeds or [0, 1, 2]

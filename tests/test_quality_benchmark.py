@@ -49,3 +49,22 @@ def test_step0_cache_is_shared_by_protocols_and_methods_but_not_by_other_data():
     assert base("ft", "6-2-2") != base("ft", "6-2-2", ["data.shapes_version=1"])
     assert base("ft", "6-2-2") != base("ft", "6-2-2", ["train.epochs_base=3"])
     assert base("ft", "6-2-2") != base("ft", "6-2-2", ["model.width=4"])
+
+
+def test_runs_dir_gives_every_run_a_folder_of_its_own(monkeypatch, tmp_path):
+    import argparse
+
+    jobs = []
+    monkeypatch.setattr(quality, "ensure_bases", lambda args: None)
+    monkeypatch.setattr(quality, "run_jobs", lambda todo, workers: jobs.extend(todo) or [])
+    args = argparse.Namespace(overrides=[], class_order=None, preset="smoke", cache_dir=str(tmp_path / "cache"),
+                              methods="hrhf,joint", seeds=[0, 1], protocols=["6-2-2"], jobs=1,
+                              runs_dir=str(tmp_path / "runs"))
+    quality.quality(args)
+    folders = [options["run_dir"] for _, _, options in jobs]
+    assert sorted(Path(f).name for f in folders) == ["hrhf-6-2-2-s0", "hrhf-6-2-2-s1", "joint-6-2-2-s0", "joint-6-2-2-s1"]
+    assert all(Path(f).parent == tmp_path / "runs" for f in folders)
+    args.runs_dir = None
+    jobs.clear()
+    quality.quality(args)
+    assert not any("run_dir" in options for _, _, options in jobs)
