@@ -98,7 +98,9 @@ class MethodConfig:
     """One incremental-learning method as a setting of the shared step loss (see hrhf.methods)."""
 
     name: str = "hrhf"
-    ce: str = "unbiased"  # plain | unbiased | pseudo | plop (entropy-thresholded pseudo-labels, PLOP)
+    # plain | unbiased | local (background and new classes only, hrhf.losses.local_cross_entropy) | pseudo |
+    # plop (entropy-thresholded pseudo-labels, PLOP)
+    ce: str = "unbiased"
     kd_real: str = "unbiased"  # none | plain | unbiased
     w_kd_real: float = 10.0
     # False: no real-image KD on pixels labelled as a new class, where the old model can only be wrong
@@ -152,7 +154,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     ),
     "inversion.aggregation": ("saa", "gap", "gmp"),
     "inversion.allocation": ("uniform", "coverage"),
-    "method.ce": ("plain", "unbiased", "pseudo", "plop"),
+    "method.ce": ("plain", "unbiased", "local", "pseudo", "plop"),
     "method.kd_real": ("none", "plain", "unbiased"),
     "method.init": ("mib", "random"),
 }
