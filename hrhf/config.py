@@ -98,9 +98,7 @@ class MethodConfig:
     """One incremental-learning method as a setting of the shared step loss (see hrhf.methods)."""
 
     name: str = "hrhf"
-    # plain | unbiased | local (background and new classes only, hrhf.losses.local_cross_entropy) | pseudo |
-    # plop (entropy-thresholded pseudo-labels, PLOP)
-    ce: str = "unbiased"
+    ce: str = "unbiased"  # plain | unbiased | pseudo | plop (entropy-thresholded pseudo-labels, PLOP)
     kd_real: str = "unbiased"  # none | plain | unbiased
     w_kd_real: float = 10.0
     # False: no real-image KD on pixels labelled as a new class, where the old model can only be wrong
@@ -154,7 +152,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     ),
     "inversion.aggregation": ("saa", "gap", "gmp"),
     "inversion.allocation": ("uniform", "coverage"),
-    "method.ce": ("plain", "unbiased", "local", "pseudo", "plop"),
+    "method.ce": ("plain", "unbiased", "pseudo", "plop"),
     "method.kd_real": ("none", "plain", "unbiased"),
     "method.init": ("mib", "random"),
 }

@@ -48,20 +48,6 @@ def unbiased_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_old: in
     return F.nll_loss(log_probs, merged, ignore_index=IGNORE_INDEX)
 
 
-def local_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_old: int) -> torch.Tensor:
-    """CE over the background and the new classes only: the old classes' logits are left out of the softmax.
-
-    As the local classification loss of ABD (Smith et al., ICCV 2021): the real images of a step, which
-    show new classes, do not push the old classes' logits down, so the student does not learn to tell
-    old from new by real-versus-synthetic cues. A pixel labelled background or an old class counts as
-    background.
-    """
-    kept = torch.cat([logits[:, :1], logits[:, n_old + 1 :]], dim=1)
-    local = torch.where((labels > n_old) & (labels != IGNORE_INDEX), labels - n_old, labels)
-    local = torch.where(labels <= n_old, torch.zeros_like(labels), local)
-    return cross_entropy(kept, local)
-
-
 def knowledge_distillation(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, keep: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -67,8 +67,6 @@ def step_loss(
         parts["ce_real"] = losses.cross_entropy(student_real, labels_real)
     elif method.ce == "unbiased":
         parts["ce_real"] = losses.unbiased_cross_entropy(student_real, labels_real, n_old)
-    elif method.ce == "local":
-        parts["ce_real"] = losses.local_cross_entropy(student_real, labels_real, n_old)
     elif method.ce == "plop":
         if teacher_real is None or plop is None or plop.thresholds is None:
             raise ValueError("ce='plop' needs the old model's logits and the step's entropy thresholds")
