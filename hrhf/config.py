@@ -75,6 +75,10 @@ class InversionConfig:
     allocation: str = "uniform"
     coverage_target: float = 0.2
     coverage_min_pixels: float = 0.01  # share of an image's pixels the old model must give a class to see it
+    # True: a class is inverted once, by the model that learnt it from real images (the next step's
+    # teacher), and its images are replayed at every later step; False: every step inverts every old
+    # class from its own teacher, whose picture of a class it saw only in synthetic images can drift
+    keep_images: bool = False
     # The image prior: with a weaker BN weight and almost no TV the old model is fooled by
     # high-frequency noise that a model trained apart does not read as the class, and the student
     # learns the class from noise (benchmarks/inversion_hits.py --judge measures it). Stronger still
@@ -280,6 +284,8 @@ def validate(cfg: Config) -> Config:
         raise ValueError(f"data.root is required for dataset {cfg.data.dataset!r} (a path or s3:// URI)")
     if cfg.data.shapes_version not in (1, 2):
         raise ValueError(f"data.shapes_version must be 1 or 2, got {cfg.data.shapes_version}")
+    if cfg.inversion.keep_images and cfg.inversion.allocation != "uniform":
+        raise ValueError("inversion.keep_images inverts each class once, so inversion.allocation must be uniform")
     if cfg.data.class_order is not None and cfg.data.order_seed is not None:
         raise ValueError("give data.class_order or data.order_seed, not both")
     return cfg

@@ -206,6 +206,34 @@ def step_targets(cfg: Config, task: Task, step: int, images_per_class: Sequence[
     return make_targets(task.old_indices(step), inv.scales, counts, base_seed=cfg.seed * 100 + step)
 
 
+def kept_targets(cfg: Config, task: Task, step: int) -> list[Target]:
+    """inversion.keep_images: what ``step`` inverts, the classes learnt at the step before (at step 1 every base class)."""
+    inv = cfg.inversion
+    return make_targets(task.new_indices(step - 1), inv.scales, inv.images_per_scale, base_seed=cfg.seed * 100 + step)
+
+
+def kept_synthesis(
+    cfg: Config, task: Task, step: int, teacher: nn.Module, kept: SyntheticSet | None, rundir: RunDir,
+    synthesizer: Synthesizer,
+) -> SyntheticSet:
+    """inversion.keep_images: the synthetic set of ``step``, the images ``kept`` from earlier steps and the
+    teacher's images of the classes it learnt from real images at the step before.
+
+    A run resumed after finished steps has kept nothing: each earlier step's images are inverted again
+    from the checkpoint of that step's teacher, which gives the same images (the inversion is seeded).
+    """
+    if kept is None and step > 1:
+        parts = []
+        for earlier in range(1, step):
+            earlier_teacher, _ = load_checkpoint(rundir.path(f"step-{earlier - 1}.pt"), cfg.device)
+            parts.append(synthesizer.synthesize(earlier_teacher, kept_targets(cfg, task, earlier), earlier))
+        kept = SyntheticSet.concat(parts)
+    new = synthesizer.synthesize(teacher, kept_targets(cfg, task, step), step)
+    if not isinstance(new, SyntheticSet):
+        raise TypeError("inversion.keep_images needs the synthetic images in memory (an in-process run)")
+    return new if kept is None else SyntheticSet.concat([kept, new])
+
+
 def synthesis_budget(
     cfg: Config, teacher: nn.Module, real: Dataset, n_old: int, evaluator: Evaluator
 ) -> dict[str, list]:
@@ -442,6 +470,7 @@ def _run_steps(
                                        "steps": [list(s) for s in task.steps]},
                               "method": cfg.method.name, "config": config_lib.to_dict(cfg), "steps": []}
     model: nn.Module | None = None
+    kept: SyntheticSet | None = None  # inversion.keep_images: the synthetic images of the steps run so far
     recomputed = False  # once a step is trained again, later checkpoints came from another model
     for step in range(first_step, task.num_steps if last_step is None else last_step + 1):
         ckpt_name = f"step-{step}.pt"
@@ -477,7 +506,13 @@ def _run_steps(
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
             student = widen_classifier(copy.deepcopy(model), len(task.new_classes(step)), cfg.method.init)
             plan = plan_step(cfg, step, n_old=n_old, incremental=True, num_real=len(real))
-            if cfg.method.fake:
+            if cfg.method.fake and cfg.inversion.keep_images:
+                synth_start = time.perf_counter()
+                kept = fake = kept_synthesis(cfg, task, step, teacher, kept, rundir, workers.synthesizer)
+                synth_seconds = time.perf_counter() - synth_start
+                synthesis = synthesis_summary(fake)
+                _warn_of_weak_synthesis(progress, step, synthesis, [names[c] for c in task.old_classes(step)])
+            elif cfg.method.fake:
                 synth_start = time.perf_counter()
                 budget = synthesis_budget(cfg, teacher, real, n_old, workers.evaluator)
                 if "presence" in budget:

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from hrhf.config import load_config
 from hrhf.methods import METHODS
@@ -72,6 +73,31 @@ def test_partial_run_continues_from_last_checkpoint(tmp_path):
     assert [s["step"] for s in report["steps"]] == [0, 1, 2]
     assert calls == [2]  # steps 0 and 1 come from their checkpoints; only the new step 2 synthesises
     assert report["steps"][2]["num_fake"] > 0
+
+
+def test_kept_images_invert_each_class_once_and_a_resumed_run_inverts_them_again(tmp_path):
+    cfg = load_config("smoke", method="hrhf", overrides=["inversion.keep_images=true"])
+    inverted = []
+
+    class RecordingSynth(LocalSynthesizer):
+        def synthesize(self, teacher, targets, step):
+            inverted.append((step, sorted({t.class_index for t in targets})))
+            result = super().synthesize(teacher, targets, step)
+            sets.append(result)
+            return result
+
+    sets = []
+    straight = run(cfg, synthesizer=RecordingSynth(cfg, quiet), log=quiet)
+    assert inverted == [(1, [1, 2, 3, 4, 5, 6]), (2, [7, 8])]  # step 2 inverts only the classes step 1 learnt
+    per_class = len(cfg.inversion.scales) * cfg.inversion.images_per_scale
+    assert [s["num_fake"] for s in straight["steps"]] == [0, 6 * per_class, 8 * per_class]
+    inverted.clear()
+    run(cfg, run_dir=str(tmp_path), synthesizer=RecordingSynth(cfg, quiet), log=quiet, last_step=1)
+    resumed = run(cfg, run_dir=str(tmp_path), synthesizer=RecordingSynth(cfg, quiet), log=quiet)
+    # step 1's images are inverted again from the step-0 checkpoint, then step 2's own
+    assert inverted == [(1, [1, 2, 3, 4, 5, 6]), (1, [1, 2, 3, 4, 5, 6]), (2, [7, 8])]
+    assert torch.equal(sets[-2].images, sets[0].images)
+    assert resumed["steps"][2]["metrics"] == straight["steps"][2]["metrics"]
 
 
 def test_run_dir_with_another_config_is_refused(tmp_path):
