@@ -222,15 +222,19 @@ def kept_synthesis(
     A run resumed after finished steps has kept nothing: each earlier step's images are inverted again
     from the checkpoint of that step's teacher, which gives the same images (the inversion is seeded).
     """
+
+    def invert(model: nn.Module, at_step: int) -> SyntheticSet:
+        images = synthesizer.synthesize(model, kept_targets(cfg, task, at_step), at_step)
+        if not isinstance(images, SyntheticSet):
+            raise TypeError("inversion.keep_images needs the synthetic images in memory (an in-process run)")
+        return images
+
     if kept is None and step > 1:
-        parts = []
-        for earlier in range(1, step):
-            earlier_teacher, _ = load_checkpoint(rundir.path(f"step-{earlier - 1}.pt"), cfg.device)
-            parts.append(synthesizer.synthesize(earlier_teacher, kept_targets(cfg, task, earlier), earlier))
-        kept = SyntheticSet.concat(parts)
-    new = synthesizer.synthesize(teacher, kept_targets(cfg, task, step), step)
-    if not isinstance(new, SyntheticSet):
-        raise TypeError("inversion.keep_images needs the synthetic images in memory (an in-process run)")
+        if rundir.uri is None:
+            raise ValueError(f"inversion.keep_images from step {step} needs the run directory of the earlier steps")
+        kept = SyntheticSet.concat([invert(load_checkpoint(rundir.path(f"step-{earlier - 1}.pt"), cfg.device)[0], earlier)
+                                    for earlier in range(1, step)])
+    new = invert(teacher, step)
     return new if kept is None else SyntheticSet.concat([kept, new])
 
 
