@@ -510,21 +510,18 @@ def _run_steps(
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
             student = widen_classifier(copy.deepcopy(model), len(task.new_classes(step)), cfg.method.init)
             plan = plan_step(cfg, step, n_old=n_old, incremental=True, num_real=len(real))
-            if cfg.method.fake and cfg.inversion.keep_images:
+            if cfg.method.fake:
                 synth_start = time.perf_counter()
-                kept = fake = kept_synthesis(cfg, task, step, teacher, kept, rundir, workers.synthesizer)
-                synth_seconds = time.perf_counter() - synth_start
-                synthesis = synthesis_summary(fake)
-                _warn_of_weak_synthesis(progress, step, synthesis, [names[c] for c in task.old_classes(step)])
-            elif cfg.method.fake:
-                synth_start = time.perf_counter()
-                budget = synthesis_budget(cfg, teacher, real, n_old, workers.evaluator)
-                if "presence" in budget:
-                    shown = zip(task.old_classes(step), budget["presence"], budget["images_per_scale"])
-                    progress.event("synthesis", step, "coverage allocation (share of real images -> images per scale): "
-                                   + ", ".join(f"{names[c]} {p:.0%} -> {k}" for c, p, k in shown))
-                targets = step_targets(cfg, task, step, budget["images_per_scale"])
-                fake = workers.synthesizer.synthesize(teacher, targets, step)
+                if cfg.inversion.keep_images:
+                    kept = fake = kept_synthesis(cfg, task, step, teacher, kept, rundir, workers.synthesizer)
+                else:
+                    budget = synthesis_budget(cfg, teacher, real, n_old, workers.evaluator)
+                    if "presence" in budget:
+                        shown = zip(task.old_classes(step), budget["presence"], budget["images_per_scale"])
+                        progress.event("synthesis", step, "coverage allocation (share of real images -> images per "
+                                       "scale): " + ", ".join(f"{names[c]} {p:.0%} -> {k}" for c, p, k in shown))
+                    targets = step_targets(cfg, task, step, budget["images_per_scale"])
+                    fake = workers.synthesizer.synthesize(teacher, targets, step)
                 synth_seconds = time.perf_counter() - synth_start
                 synthesis = synthesis_summary(fake)
                 _warn_of_weak_synthesis(progress, step, synthesis, [names[c] for c in task.old_classes(step)])

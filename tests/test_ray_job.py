@@ -40,6 +40,16 @@ def wait_until_accepting_jobs(head: dict, timeout_s: float = 120.0) -> None:
         time.sleep(2)
 
 
+def head_env(base: str) -> dict:
+    """The environment of a head started under ``base`` and of its clients: token auth, Ray's files under ``base``.
+
+    The cluster and its clients use the token of the default path, ~/.ray/auth_token (created if missing).
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_AUTH_MODE="token", RAY_TMPDIR=base)
+    return env
+
+
 def start_head(base: str, env: dict, attempts: int = 3, pick_port: Callable[[], int] = free_port) -> int:
     """`ray start --head` with its files under ``base``; return the dashboard's port.
 
@@ -74,9 +84,7 @@ def ray_head(s3_endpoint):
     machine, and turns token authentication on as for any cluster it finds itself.
     """
     base = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    # the cluster and its clients use the token of the default path, ~/.ray/auth_token (created if missing)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    env.update(RAY_AUTH_MODE="token", RAY_TMPDIR=base)
+    env = head_env(base)
     try:
         dashboard = start_head(base, env)
         head = {"address": f"http://127.0.0.1:{dashboard}", "env": env, "directory": base}
@@ -174,8 +182,7 @@ def test_stopping_a_cluster_leaves_the_othersis_running(ray_head):
 
 def test_a_head_start_on_a_taken_port_is_tried_again():
     base = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    env.update(RAY_AUTH_MODE="token", RAY_TMPDIR=base)
+    env = head_env(base)
     picked = []
 
     def first_port_taken() -> int:
