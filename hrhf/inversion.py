@@ -407,3 +407,28 @@ class SyntheticData(Protocol):
     def gallery_sample(self) -> SyntheticSet:
         """The first image of each (class, scale), at least."""
         ...
+
+
+class SyntheticParts:
+    """Several steps' synthetic data read as one, in order (inversion.keep_images on Ray, where each part is a
+    handle on that step's shards or object-store tables and no image comes to the driver)."""
+
+    def __init__(self, parts: Sequence[SyntheticData]) -> None:
+        self.parts: list[SyntheticData] = []
+        for part in parts:
+            self.parts.extend(part.parts if isinstance(part, SyntheticParts) else [part])
+        self.meta = [entry for part in self.parts for entry in part.meta]
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def gallery_sample(self) -> SyntheticSet:
+        """Each part's gallery sample, one after the other."""
+        return SyntheticSet.concat([part.gallery_sample() for part in self.parts])
+
+
+def join_synthetic(parts: Sequence[SyntheticData]) -> SyntheticData:
+    """Several synthetic sets as one: one SyntheticSet where all are in memory, else a SyntheticParts over the handles."""
+    if all(isinstance(part, SyntheticSet) for part in parts):
+        return SyntheticSet.concat(parts)
+    return SyntheticParts(parts)

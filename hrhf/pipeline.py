@@ -30,6 +30,7 @@ from hrhf.inversion import (
     SyntheticSet,
     Target,
     allocate_images,
+    join_synthetic,
     make_targets,
 )
 from hrhf.losses import predicted_classes
@@ -213,29 +214,27 @@ def kept_targets(cfg: Config, task: Task, step: int) -> list[Target]:
 
 
 def kept_synthesis(
-    cfg: Config, task: Task, step: int, teacher: nn.Module, kept: SyntheticSet | None, rundir: RunDir,
+    cfg: Config, task: Task, step: int, teacher: nn.Module, kept: SyntheticData | None, rundir: RunDir,
     synthesizer: Synthesizer,
-) -> SyntheticSet:
+) -> SyntheticData:
     """inversion.keep_images: the synthetic set of ``step``, the images ``kept`` from earlier steps and the
     teacher's images of the classes it learnt from real images at the step before.
 
-    A run resumed after finished steps has kept nothing: each earlier step's images are inverted again
-    from the checkpoint of that step's teacher, which gives the same images (the inversion is seeded).
+    A run resumed after finished steps has kept nothing: each earlier step's images are asked of the
+    synthesizer again with the checkpoint of that step's teacher, which gives the same images (the inversion
+    is seeded); a synthesizer with a shard store finds them there, by teacher, and inverts nothing.
     """
 
-    def invert(model: nn.Module, at_step: int) -> SyntheticSet:
-        images = synthesizer.synthesize(model, kept_targets(cfg, task, at_step), at_step)
-        if not isinstance(images, SyntheticSet):
-            raise TypeError("inversion.keep_images needs the synthetic images in memory (an in-process run)")
-        return images
+    def invert(model: nn.Module, at_step: int) -> SyntheticData:
+        return synthesizer.synthesize(model, kept_targets(cfg, task, at_step), at_step)
 
     if kept is None and step > 1:
         if rundir.uri is None:
             raise ValueError(f"inversion.keep_images from step {step} needs the run directory of the earlier steps")
-        kept = SyntheticSet.concat([invert(load_checkpoint(rundir.path(f"step-{earlier - 1}.pt"), cfg.device)[0], earlier)
-                                    for earlier in range(1, step)])
+        kept = join_synthetic([invert(load_checkpoint(rundir.path(f"step-{earlier - 1}.pt"), cfg.device)[0], earlier)
+                               for earlier in range(1, step)])
     new = invert(teacher, step)
-    return new if kept is None else SyntheticSet.concat([kept, new])
+    return new if kept is None else join_synthetic([kept, new])
 
 
 def synthesis_budget(
@@ -474,7 +473,7 @@ def _run_steps(
                                        "steps": [list(s) for s in task.steps]},
                               "method": cfg.method.name, "config": config_lib.to_dict(cfg), "steps": []}
     model: nn.Module | None = None
-    kept: SyntheticSet | None = None  # inversion.keep_images: the synthetic images of the steps run so far
+    kept: SyntheticData | None = None  # inversion.keep_images: the synthetic images of the steps run so far
     recomputed = False  # once a step is trained again, later checkpoints came from another model
     for step in range(first_step, task.num_steps if last_step is None else last_step + 1):
         ckpt_name = f"step-{step}.pt"

@@ -108,9 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         if args.gpu and args.in_process:
             cfg.device = "cuda"  # on Ray only the actors and train workers use GPUs; the driver may have none
-        if cfg.inversion.keep_images and not args.in_process:
-            raise ValueError("inversion.keep_images runs in process only for now (add --in-process): the Ray "
-                             "synthesizer keeps each step's images in that step's shards")
         references = check_references(cfg, reference_names(args))
         run_dir = absolute_uri(args.run_dir)
         preflight(cfg, run_dir, check_data=not args.skip_data_check, references=references)

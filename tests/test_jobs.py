@@ -56,8 +56,3 @@ def test_bad_config_value_names_the_key(tmp_path):
     result = run_job("--run-dir", str(tmp_path), "--set", "train.epochs_base=many")
     assert result.returncode == 2 and "train.epochs_base" in result.stderr
 
-
-def test_kept_images_on_ray_are_refused_before_work(tmp_path):
-    result = run_job("--run-dir", str(tmp_path / "run"), "--set", "inversion.keep_images=true")
-    assert result.returncode == 2 and "inversion.keep_images runs in process only" in result.stderr
-    assert not (tmp_path / "run").exists()

@@ -14,9 +14,9 @@ from hrhf.data import make_source
 from hrhf.data.incremental import StepDataset
 from hrhf.data.transforms import eval_transform, train_transform
 from hrhf.distributed.evaluation import RayEvaluator
-from hrhf.distributed.synthesis import RaySynthesizer
+from hrhf.distributed.synthesis import ObjectStoreSynthetic, RaySynthesizer
 from hrhf.distributed.training import FakeRows, RayTrainer, RealStream, StreamedFake, real_schedule
-from hrhf.inversion import SyntheticSet
+from hrhf.inversion import SyntheticParts, SyntheticSet
 from hrhf.models import build_model
 from hrhf.pipeline import LocalEvaluator, evaluate_step, run
 from hrhf.shards import ShardStore, StoredSynthetic, to_table
@@ -105,6 +105,67 @@ def test_a_run_on_s3_leaves_the_shards_to_the_workers(s3_endpoint, monkeypatch):
              for step in report["steps"][1:]]
     assert [s["num_fake"] for s in report["steps"][1:]] == [c * cfg.inversion.images_per_scale for c in cells]
     assert sum(read_rows) == sum(cells)  # one image per (class, scale) for the galleries, nothing more
+
+
+def test_kept_images_on_ray_reuse_the_earlier_steps_shards_on_resume(tmp_path):
+    cfg = load_config("smoke", method="hrhf", overrides=["inversion.keep_images=true"])
+    run_dir, messages = str(tmp_path / "run"), []
+
+    def workers() -> dict:
+        synthesizer = RaySynthesizer(cfg, num_actors=1, store_uri=f"{run_dir}/synthetic", shard_size=8,
+                                     log=messages.append)
+        return {"synthesizer": synthesizer, "trainer": RayTrainer(num_workers=2, cpus_per_worker=0.5, log=lambda _m: None),
+                "evaluator": RayEvaluator(num_actors=1)}
+
+    run(cfg, run_dir=run_dir, log=lambda _m: None, last_step=1, **workers())
+    store = ShardStore(f"{run_dir}/synthetic")
+    step_one = {s: Path(store.data_path(s)).stat().st_mtime_ns for s in store.step_shards(1)}
+    messages.clear()
+    report = run(cfg, run_dir=run_dir, log=lambda _m: None, **workers())
+    per_class = len(cfg.inversion.scales) * cfg.inversion.images_per_scale
+    # step 2 replays step 1's images of the six base classes and its own of the two classes step 1 learnt
+    assert [s["num_fake"] for s in report["steps"]] == [0, 6 * per_class, 8 * per_class]
+    assert any(f"{len(step_one)}/{len(step_one)} shards found" in m for m in messages), messages
+    assert {s: Path(store.data_path(s)).stat().st_mtime_ns for s in store.step_shards(1)} == step_one
+    assert (tmp_path / "run" / "gallery-step-2.png").exists()
+
+
+def _two_steps_of_shards(store: ShardStore) -> None:
+    """Three shards of four random images: two of step 1, one of step 2."""
+    for shard, step in enumerate([1, 1, 2]):
+        images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+        synthetic = SyntheticSet(images, torch.zeros(4, 8, 8, dtype=torch.uint8),
+                                 [{"class": step, "scale": 0.5, "seed": 4 * shard + i, "loss": 0.0, "area": 0.5}
+                                  for i in range(4)])
+        store.write_shard(f"s{shard}", to_table(synthetic, "m", step, f"s{shard}"))
+    store.write_step_manifest(1, ["s0", "s1"])
+    store.write_step_manifest(2, ["s2"])
+
+
+@pytest.mark.parametrize("sink", ["parquet", "object store", "in memory"])
+def test_kept_rows_of_several_steps_stream_one_step_after_another(tmp_path, sink):
+    store = ShardStore(str(tmp_path / "shards"))
+    _two_steps_of_shards(store)
+    steps = [store.read_all(store.step_shards(step)) for step in (1, 2)]
+    if sink == "parquet":
+        parts = [StoredSynthetic(store, step) for step in (1, 2)]
+    elif sink == "object store":
+        parts = [ObjectStoreSynthetic([({"meta": store.read_meta(s)}, ray.put(store.read_shard(s)))
+                                       for s in store.step_shards(step)]) for step in (1, 2)]
+    else:
+        parts = steps
+    kept = SyntheticParts([SyntheticParts(parts[:1]), parts[1]])  # nested, as a later step joins its images
+    rows = FakeRows.of(kept)
+    assert len(kept) == rows.count == 12 and [m["class"] for m in kept.meta] == [1] * 8 + [2] * 4
+    assert torch.equal(StreamedFake(rows).take(range(12)), torch.cat([s.images for s in steps]))
+    assert [m["class"] for m in kept.gallery_sample().meta][-1] == 2  # every step's images reach the gallery
+
+
+def test_rows_of_different_storage_are_refused(tmp_path):
+    store = ShardStore(str(tmp_path / "shards"))
+    _two_steps_of_shards(store)
+    with pytest.raises(TypeError, match="different kinds of storage"):
+        FakeRows.of(SyntheticParts([StoredSynthetic(store, 1), store.read_all(store.step_shards(2))]))
 
 
 @pytest.mark.parametrize("sink", ["parquet", "object store", "in memory"])

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from hrhf.batchnorm import synchronise_batchnorm
 from hrhf.distributed import peak_rss_mb
 from hrhf.distributed.devices import compute_device
-from hrhf.inversion import NonFiniteError, SyntheticSet
+from hrhf.inversion import NonFiniteError, SyntheticParts, SyntheticSet
 from hrhf.models import ModelSpec
 from hrhf.progress import Log, as_progress
 from hrhf.shards import ShardStore, StoredSynthetic, decode_png, encode_png
@@ -152,6 +152,8 @@ class FakeRows:
     @classmethod
     def of(cls, fake: Any) -> FakeRows:
         """The rows of a step's synthetic data, as the synthesizer left them."""
+        if isinstance(fake, SyntheticParts):  # inversion.keep_images: several steps' rows, one after the other
+            return cls.joined([cls.of(part) for part in fake.parts])
         if isinstance(fake, StoredSynthetic):
             return cls(len(fake), store=fake.store, paths=fake.parquet_paths())
         if hasattr(fake, "table_refs"):  # synthetic tables in Ray's object store
@@ -162,6 +164,19 @@ class FakeRows:
             images = fake.images.permute(0, 2, 3, 1).contiguous().numpy()
             return cls(len(fake), table=pa.table({"image": [encode_png(image) for image in images]}))
         raise TypeError(f"cannot stream synthetic images from {type(fake).__name__}")
+
+    @classmethod
+    def joined(cls, parts: list[FakeRows]) -> FakeRows:
+        """Rows of one kind (shards of one store, object-store tables, or in-memory tables) read one part after another."""
+        stores = {part.store.uri if part.store is not None else None for part in parts}
+        tables = [part.table for part in parts if part.table is not None]
+        kinds = {"store" if part.store is not None else "table" if part.table is not None else "refs" for part in parts}
+        if len(kinds) > 1 or len(stores) > 1:
+            raise TypeError("cannot stream synthetic rows from different kinds of storage as one set")
+        return cls(sum(part.count for part in parts), store=parts[0].store if parts else None,
+                   paths=[path for part in parts for path in part.paths],
+                   table_refs=[ref for part in parts for ref in part.table_refs],
+                   table=pa.concat_tables(tables) if tables else None)
 
     def images(self) -> Iterator[bytes]:
         """One pass over the PNG-encoded images, in the step's order."""
