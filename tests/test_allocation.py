@@ -52,10 +52,13 @@ def test_allocation_settings_are_checked():
         load_config("smoke", overrides=["inversion.allocation=greedy"])
     with pytest.raises(ValueError, match="coverage_target"):
         load_config("smoke", overrides=["inversion.coverage_target=0"])
+    with pytest.raises(ValueError, match="inversion.keep_images=false to allocate by coverage"):
+        load_config("smoke", overrides=["inversion.allocation=coverage"])  # kept images invert each class once
 
 
 def test_a_coverage_run_synthesises_the_allocated_images_per_class():
-    cfg = load_config("smoke", overrides=["inversion.allocation=coverage", "inversion.images_per_scale=3",
+    cfg = load_config("smoke", overrides=["inversion.keep_images=false", "inversion.allocation=coverage",
+                                          "inversion.images_per_scale=3",
                                           "inversion.coverage_target=1.0", "inversion.iterations=2"])
     report = run(cfg, log=lambda *args, **kwargs: None)
     for step in report["steps"][1:]:

@@ -238,7 +238,7 @@ def test_job_submit_with_run_dir_on_s3(ray_head, s3_endpoint):
     try:
         dataset = ray.data.read_parquet(shards, filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)))
         rows = dataset.count()
-        assert rows == sum(s["num_fake"] for s in report["steps"])
+        assert rows == report["steps"][-1]["num_fake"]  # kept images: the last step replays every step's shards
         assert {"image", "mask", "class", "scale", "seed"} <= set(dataset.schema().names)
     finally:
         ray.shutdown()

@@ -92,7 +92,9 @@ def test_json_progress_lines_parse_and_carry_stage_and_step(job_run, report):
     assert [r["step"] for r in epochs] == [0, 1, 2]
     assert all(r["done"] == r["total"] == 1 and "loss" in r and r["eta_s"] == 0 for r in epochs)
     synthesis = [r for r in records if r["stage"] == "synthesis" and r.get("done", 0) > 0]  # not its warnings
-    assert [(r["step"], r["done"], r["total"]) for r in synthesis] == [(1, 12, 12), (2, 16, 16)]
+    # kept images: step 1 inverts the six base classes, step 2 only the two classes step 1 learnt (2 scales each)
+    assert [(r["step"], r["done"], r["total"]) for r in synthesis] == [(1, 12, 12), (2, 4, 4)]
+    assert [s["num_fake"] for s in report["steps"]] == [0, 12, 16]
     scores = [r for r in records if r["stage"] == "evaluation" and r.get("message") == "mIoU (%)"]
     assert [r["all"] for r in scores] == [round(100 * s["metrics"]["all"], 1) for s in report["steps"]]
     assert records[-1]["stage"] == "report" and records[-1]["report"]["steps"] == report["steps"]
