@@ -19,10 +19,10 @@ STAGES=${GPU_CHECK_STAGES:-speed smoke parity cost}
 if [[ -z ${PYTHON:-} ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
-# Limits in seconds: 460, and 20 of kill grace; with nvidia-smi and the summary the whole stays under 8 minutes.
-# Measured on one H200 (16 cores): speed 24 s, smoke 184 s, parity 197 s, cost 19 s. On Ray each step pays about
+# Limits in seconds: 480, and 20 of kill grace; with nvidia-smi and the summary the whole stays near 8 minutes.
+# Measured on one H200 (16 cores): speed 24 s, smoke 132-184 s, parity 173-197 s, cost 19-21 s. On Ray each step pays about
 # 40 s of process start-up (synthesis actor, DDP worker group, evaluation actors, each initialising CUDA).
-LIMIT_SPEED=${GPU_CHECK_LIMIT_SPEED:-40}
+LIMIT_SPEED=${GPU_CHECK_LIMIT_SPEED:-60}
 LIMIT_SMOKE=${GPU_CHECK_LIMIT_SMOKE:-190}
 LIMIT_PARITY=${GPU_CHECK_LIMIT_PARITY:-200}
 LIMIT_COST=${GPU_CHECK_LIMIT_COST:-30}

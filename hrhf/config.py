@@ -65,8 +65,8 @@ class InversionConfig:
     """SegInversion with Scale-Aware Aggregation (see hrhf.inversion)."""
 
     iterations: int = 100
-    # Faster than DeepInversion's 0.05-0.1: in 100 iterations the old model's classes then look to a model
-    # trained apart like the class (benchmarks/inversion_hits.py --judge), and SAA's areas come closer to r
+    # Above DeepInversion's 0.2: in only 100 iterations, a model trained apart then reads the old model's
+    # synthetic objects as their class (benchmarks/inversion_hits.py --judge), and SAA's areas come closer to r
     lr: float = 0.5
     batch_size: int = 64
     scales: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4, 0.6])
