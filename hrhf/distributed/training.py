@@ -168,11 +168,10 @@ class FakeRows:
     @classmethod
     def joined(cls, parts: list[FakeRows]) -> FakeRows:
         """Rows of one kind (shards of one store, object-store tables, or in-memory tables) read one part after another."""
-        stores = {part.store.uri if part.store is not None else None for part in parts}
-        tables = [part.table for part in parts if part.table is not None]
-        kinds = {"store" if part.store is not None else "table" if part.table is not None else "refs" for part in parts}
-        if len(kinds) > 1 or len(stores) > 1:
+        kinds = {(part.store.uri if part.store is not None else None, part.table is not None) for part in parts}
+        if len(kinds) > 1:
             raise TypeError("cannot stream synthetic rows from different kinds of storage as one set")
+        tables = [part.table for part in parts if part.table is not None]
         return cls(sum(part.count for part in parts), store=parts[0].store if parts else None,
                    paths=[path for part in parts for path in part.paths],
                    table_refs=[ref for part in parts for ref in part.table_refs],
