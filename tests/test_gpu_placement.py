@@ -112,6 +112,7 @@ def check_placement(records: list[dict], gpu_node_id: str) -> None:
 def test_pipeline_work_asks_for_the_gpu_on_the_gpu_node(cluster, driver_without_cuda, tmp_path):
     cfg = small_config()
     cfg.inversion.allocation = "coverage"  # the evaluation actors count what step 1's real images show
+    cfg.inversion.keep_images = False  # (kept images invert each class once, with the uniform budget)
     seen = record_count(cluster.log)
     report = run(
         cfg,
