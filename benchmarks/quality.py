@@ -1,12 +1,13 @@
 """Quality on the procedural benchmark: FT / LwF / MiB / PLOP / HRHF / joint, mean and spread over seeds.
 
-    python benchmarks/quality.py                          # both shapes protocols, seeds 0 1 2
+    python benchmarks/quality.py                          # 5-1, 6-2-2, 6-1; seeds 0 1 2; all methods but LwF
     python benchmarks/quality.py --protocol 6-1 --seed 4 --methods mib,hrhf
-    python benchmarks/quality.py --ablation               # SAA vs GAP vs GMP
+    python benchmarks/quality.py --ablation               # SAA vs GAP vs GMP on 6-2-2 and 6-1
 
 Prints Markdown tables of mIoU in percent (old / new / all after the last step, and per step). The
 step-0 model of a seed is trained once and shared by every method that starts from it; joint training
-(the upper bound) is run for the last step only. ``--json PATH`` writes the last step's means as
+(the upper bound) is run for the last step only. Runs wait only for their own seed's step-0 model, and
+the longest ready run starts first. ``--json PATH`` writes the last step's means as
 fractions in [0, 1]: ``{method: {"old", "new", "all"}}`` for one protocol, ``{protocol: {method: ...}}``
 for several. ``--runs-dir DIR`` keeps every run's directory (step checkpoints, galleries, report) as
 DIR/METHOD-PROTOCOL-sSEED, for benchmarks/inversion_hits.py and the like; a rerun into it resumes.
@@ -23,8 +24,9 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -36,6 +38,8 @@ from hrhf.report import pct
 from hrhf.tasks import filter_step
 
 ALL_METHODS = ("ft", "lwf", "mib", "plop", "hrhf", "joint")
+DEFAULT_METHODS = ("ft", "mib", "plop", "hrhf", "joint")  # the ones the goals compare
+DEFAULT_PROTOCOLS = ("5-1", "6-2-2", "6-1")
 
 
 def _quiet(_msg: str) -> None:
@@ -73,19 +77,54 @@ def _work(job: tuple[str, Config, dict]) -> tuple[str, Config, dict]:
     return kind, cfg, report
 
 
-def run_jobs(jobs: list, workers: int) -> list:
-    """Run pipeline jobs in ``workers`` single-threaded processes, printing progress."""
-    results = []
+def expected_cost(job: tuple[str, Config, dict]) -> float:
+    """A job's rough run time in units of one step of fine-tuning, for ordering the queue longest first."""
+    kind, cfg, _ = job
+    if kind == "base":
+        return math.inf  # every later run of its seed waits for it
+    if cfg.method.joint:
+        return 3.0  # one long step from scratch
+    uses_teacher = cfg.method.kd_real != "none" or cfg.method.ce != "plain"
+    per_step = 1.0 + uses_teacher + 1.5 * cfg.method.fake  # student passes, old-model passes, the fake half
+    return (task_of(cfg).num_steps - 1) * per_step
+
+
+def run_jobs(jobs: list, workers: int, work: Callable = _work) -> list:
+    """Run pipeline jobs in ``workers`` single-threaded processes and return their results in job order.
+
+    A run whose ``train.init_checkpoint`` is the step-0 model of a base job in the list waits for that
+    job; among the jobs ready to start, the longest expected goes first, so two processes stay busy to
+    the end instead of one finishing a long run alone. Prints each job as it finishes.
+    """
+    provider = {str(Path(options["run_dir"], "step-0.pt")): i
+                for i, (kind, _, options) in enumerate(jobs) if kind == "base"}
+    waiting, running, finished = list(range(len(jobs))), {}, set()
+    results: list = [None] * len(jobs)
+
+    def ready(i: int) -> bool:
+        needed = provider.get(str(jobs[i][1].train.init_checkpoint))
+        return needed is None or needed in finished
+
     with ProcessPoolExecutor(workers) as pool:
-        for kind, cfg, report in pool.map(_work, jobs):
-            last = report["steps"][-1]["metrics"]
-            print(
-                f"  done {kind} {cfg.method.name} {cfg.data.protocol} seed {cfg.seed}: "
-                f"old {pct(last['old'])} new {pct(last['new'])} all {pct(last['all'])} "
-                f"({report['wall_seconds']:.0f} s)",
-                file=sys.stderr, flush=True,
-            )
-            results.append((kind, cfg, report))
+        while waiting or running:
+            free = workers - len(running)
+            for i in sorted(filter(ready, waiting), key=lambda i: -expected_cost(jobs[i]))[:free]:
+                waiting.remove(i)
+                running[pool.submit(work, jobs[i])] = i
+            if not running:
+                raise RuntimeError("jobs wait for step-0 models that no job trains")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                i = running.pop(future)
+                kind, cfg, report = results[i] = future.result()
+                finished.add(i)
+                last = report["steps"][-1]["metrics"]
+                print(
+                    f"  done {kind} {cfg.method.name} {cfg.data.protocol} seed {cfg.seed}: "
+                    f"old {pct(last['old'])} new {pct(last['new'])} all {pct(last['all'])} "
+                    f"({report['wall_seconds']:.0f} s; {len(finished)}/{len(jobs)} jobs)",
+                    file=sys.stderr, flush=True,
+                )
     return results
 
 
@@ -98,17 +137,15 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * std:.1f}"
 
 
-def ensure_bases(args: argparse.Namespace) -> None:
-    """Train the step-0 model of every seed (and distinct base class set) that is not cached yet."""
+def missing_bases(args: argparse.Namespace) -> list:
+    """Jobs that train the step-0 model of every seed (and distinct base class set) not cached yet."""
     missing = {}
     for seed in args.seeds:
         for protocol in args.protocols:
             cfg = make_config(args, "ft", protocol, seed)
             if not Path(base_dir(args, cfg), "step-0.pt").exists():
                 missing.setdefault(base_dir(args, cfg), cfg)
-    if missing:
-        print(f"training {len(missing)} step-0 model(s)", file=sys.stderr, flush=True)
-        run_jobs([("base", cfg, {"run_dir": d, "last_step": 0}) for d, cfg in missing.items()], args.jobs)
+    return [("base", cfg, {"run_dir": d, "last_step": 0}) for d, cfg in missing.items()]
 
 
 def quality(args: argparse.Namespace) -> dict:
@@ -117,7 +154,7 @@ def quality(args: argparse.Namespace) -> dict:
     unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
-    ensure_bases(args)
+    bases = missing_bases(args)
     jobs = []
     for seed in args.seeds:
         for protocol in args.protocols:
@@ -132,10 +169,12 @@ def quality(args: argparse.Namespace) -> dict:
                 if args.runs_dir:
                     options["run_dir"] = str(Path(args.runs_dir) / f"{method}-{protocol}-s{seed}")
                 jobs.append(("run", cfg, options))
-    print(f"running {len(jobs)} incremental runs on {args.jobs} processes", file=sys.stderr, flush=True)
+    print(f"training {len(bases)} step-0 model(s) and running {len(jobs)} incremental runs on {args.jobs} processes",
+          file=sys.stderr, flush=True)
     results: dict = {}
-    for _, cfg, report in run_jobs(jobs, args.jobs):
-        results.setdefault(cfg.data.protocol, {}).setdefault(cfg.method.name, []).append(report)
+    for kind, cfg, report in run_jobs(bases + jobs, args.jobs):
+        if kind == "run":
+            results.setdefault(cfg.data.protocol, {}).setdefault(cfg.method.name, []).append(report)
     return results
 
 
@@ -275,7 +314,7 @@ def ablation(args: argparse.Namespace, start: float) -> int:
     seed = args.seeds[0]
     cfg = make_config(args, "hrhf", protocol, seed)
     base = base_dir(args, make_config(args, "ft", protocol, seed))
-    ensure_bases(args)
+    run_jobs(missing_bases(args), args.jobs)
     with ProcessPoolExecutor(args.jobs) as pool:
         studies = dict(pool.map(_scale_study, [(a, cfg, f"{base}/step-0.pt") for a in AGGREGATIONS]))
     lines = [
@@ -329,9 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the benchmark, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", dest="seeds", type=int, action="append", help="a seed (repeatable; default 0 1 2)")
-    parser.add_argument("--protocol", dest="protocols", action="append", help="shapes protocol (repeatable; default 6-2-2 and 6-1)")
+    parser.add_argument("--protocol", dest="protocols", action="append", help="shapes protocol (repeatable; default 5-1, 6-2-2 and 6-1)")
     parser.add_argument("--class-order", type=int, default=None, help="permute the class order with this seed")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated subset of " + ",".join(ALL_METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="comma-separated subset of " + ",".join(ALL_METHODS) + " (default: all but lwf)")
     parser.add_argument("--preset", default="default")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
@@ -342,10 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation", action="store_true", help="compare SAA with GAP and GMP instead")
     args = parser.parse_args(argv)
     args.seeds = args.seeds or [0, 1, 2]
-    args.protocols = args.protocols or ["6-2-2", "6-1"]
     start = time.perf_counter()
     if args.ablation:
+        args.protocols = args.protocols or ["6-2-2", "6-1"]
         return ablation(args, start)
+    args.protocols = args.protocols or list(DEFAULT_PROTOCOLS)
     results = quality(args)
     table, summary = last_step_table(results)
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])

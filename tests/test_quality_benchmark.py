@@ -1,6 +1,7 @@
 """benchmarks/quality.py's summaries: the per-seed gain of HRHF over MiB."""
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -55,7 +56,7 @@ def test_runs_dir_gives_every_run_a_folder_of_its_own(monkeypatch, tmp_path):
     import argparse
 
     jobs = []
-    monkeypatch.setattr(quality, "ensure_bases", lambda args: None)
+    monkeypatch.setattr(quality, "missing_bases", lambda args: [])
     monkeypatch.setattr(quality, "run_jobs", lambda todo, workers: jobs.extend(todo) or [])
     args = argparse.Namespace(overrides=[], class_order=None, preset="smoke", cache_dir=str(tmp_path / "cache"),
                               methods="hrhf,joint", seeds=[0, 1], protocols=["6-2-2"], jobs=1,
@@ -68,3 +69,45 @@ def test_runs_dir_gives_every_run_a_folder_of_its_own(monkeypatch, tmp_path):
     jobs.clear()
     quality.quality(args)
     assert not any("run_dir" in options for _, _, options in jobs)
+
+
+def _timed_work(job):
+    kind, cfg, options = job
+    metrics = {"old": 0.5, "new": 0.5, "all": 0.5}
+    return kind, cfg, {"steps": [{"metrics": metrics}], "wall_seconds": 0.0, "started": time.monotonic_ns()}
+
+
+def test_runs_wait_for_their_step0_model_and_the_longest_ready_run_goes_first(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(overrides=[], class_order=None, preset="smoke", cache_dir=str(tmp_path))
+    base_a = quality.base_dir(args, quality.make_config(args, "ft", "6-1", 0))
+    base_b = quality.base_dir(args, quality.make_config(args, "ft", "6-1", 1))
+
+    def run(method, seed, base):
+        return ("run", quality.make_config(args, method, "6-1", seed, [f"train.init_checkpoint={base}/step-0.pt"]), {})
+
+    jobs = [
+        run("ft", 0, base_a),
+        ("run", quality.make_config(args, "joint", "6-1", 0), {}),
+        run("hrhf", 1, base_b),
+        ("base", quality.make_config(args, "ft", "6-1", 0), {"run_dir": base_a}),
+        run("mib", 0, base_a),
+        ("base", quality.make_config(args, "ft", "6-1", 1), {"run_dir": base_b}),
+    ]
+    results = quality.run_jobs(jobs, 1, work=_timed_work)
+    assert [r[1] for r in results] == [job[1] for job in jobs]  # returned in job order
+    order = sorted(range(len(jobs)), key=lambda i: results[i][2]["started"])
+    # both step-0 models first, then the runs, longest expected first
+    assert order[:2] == [3, 5]
+    assert order[2:] == sorted([0, 1, 2, 4], key=lambda i: -quality.expected_cost(jobs[i]))
+    assert quality.expected_cost(jobs[2]) > quality.expected_cost(jobs[4]) > quality.expected_cost(jobs[0])
+
+
+def test_a_run_on_a_cached_step0_model_needs_no_base_job(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(overrides=[], class_order=None, preset="smoke", cache_dir=str(tmp_path))
+    base = quality.base_dir(args, quality.make_config(args, "ft", "6-1", 0))
+    cfg = quality.make_config(args, "ft", "6-1", 0, [f"train.init_checkpoint={base}/step-0.pt"])
+    assert len(quality.run_jobs([("run", cfg, {})], 1, work=_timed_work)) == 1
