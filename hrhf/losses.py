@@ -7,12 +7,22 @@ Channel convention: index 0 is background, 1..n_old are the old classes, the res
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from hrhf.tasks import IGNORE_INDEX
+
+PixelMean = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(a term summed over this process's pixels, how many pixels it sums) -> the term's mean over a batch.
+
+None where a loss takes it means the mean over this process's pixels.
+
+Data-parallel training passes one that divides by the pixels of the whole global batch, so that the
+workers' averaged gradients equal one process's where the workers' shares hold different numbers of
+labelled pixels (ignored object borders, uncertain pseudo-labels).
+"""
 
 
 def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
@@ -24,14 +34,18 @@ def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=1).indices
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mean: PixelMean | None = None) -> torch.Tensor:
     """Pixel-wise cross-entropy, 255 ignored; zero (with a graph) when every pixel is ignored."""
+    if mean is not None:
+        return mean(F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"), (labels != IGNORE_INDEX).sum())
     if not bool((labels != IGNORE_INDEX).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
 
-def unbiased_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_old: int) -> torch.Tensor:
+def unbiased_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, n_old: int, mean: PixelMean | None = None
+) -> torch.Tensor:
     """MiB's unbiased CE: a pixel labelled background may be background or any old class.
 
     The background log-probability becomes log(sum of p over background and old classes).
@@ -43,13 +57,19 @@ def unbiased_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_old: in
     # After merging, channel 0 stands for bg+old and new class k sits at k - n_old.
     merged = torch.where((labels > n_old) & (labels != IGNORE_INDEX), labels - n_old, labels)
     merged = torch.where(labels <= n_old, torch.zeros_like(labels), merged)
+    if mean is not None:
+        return mean(F.nll_loss(log_probs, merged, ignore_index=IGNORE_INDEX, reduction="sum"), (merged != IGNORE_INDEX).sum())
     if not bool((merged != IGNORE_INDEX).any()):
         return logits.sum() * 0.0
     return F.nll_loss(log_probs, merged, ignore_index=IGNORE_INDEX)
 
 
 def knowledge_distillation(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, keep: torch.Tensor | None = None
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float = 1.0,
+    keep: torch.Tensor | None = None,
+    mean: PixelMean | None = None,
 ) -> torch.Tensor:
     """KD on the softmax over the teacher's channels (background + old), averaged over pixels.
 
@@ -58,23 +78,33 @@ def knowledge_distillation(
     """
     n = teacher.shape[1]
     log_q = F.log_softmax(student[:, :n] / temperature, dim=1)
-    return _kd_mean(log_q, teacher, temperature, keep)
+    return _kd_mean(log_q, teacher, temperature, keep, mean)
 
 
 def unbiased_knowledge_distillation(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, keep: torch.Tensor | None = None
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float = 1.0,
+    keep: torch.Tensor | None = None,
+    mean: PixelMean | None = None,
 ) -> torch.Tensor:
     """MiB's unbiased KD: the student's background probability is background + all new classes (``keep`` as in KD)."""
     n = teacher.shape[1]
     log_s = F.log_softmax(student / temperature, dim=1)  # as in unbiased_cross_entropy: one fused pass
     log_bg = torch.logsumexp(torch.cat([log_s[:, :1], log_s[:, n:]], dim=1), dim=1, keepdim=True)
     log_q = torch.cat([log_bg, log_s[:, 1:n]], dim=1)
-    return _kd_mean(log_q, teacher, temperature, keep)
+    return _kd_mean(log_q, teacher, temperature, keep, mean)
 
 
-def _kd_mean(log_q: torch.Tensor, teacher: torch.Tensor, temperature: float, keep: torch.Tensor | None) -> torch.Tensor:
+def _kd_mean(
+    log_q: torch.Tensor, teacher: torch.Tensor, temperature: float, keep: torch.Tensor | None, mean: PixelMean | None
+) -> torch.Tensor:
     """KL(teacher || student) per pixel, times T^2, averaged over every pixel (zero where ``keep`` is False)."""
     p = F.softmax(teacher / temperature, dim=1)
+    if mean is not None:
+        per_pixel = (p * (p.clamp_min(1e-12).log() - log_q)).sum(dim=1)
+        kept = per_pixel if keep is None else per_pixel * keep
+        return mean(kept.sum(), torch.tensor(per_pixel.numel(), device=per_pixel.device)) * temperature**2
     if keep is None:
         return -(p * log_q).sum(dim=1).mean() * temperature**2 + (p * p.clamp_min(1e-12).log()).sum(1).mean() * temperature**2
     per_pixel = (p * (p.clamp_min(1e-12).log() - log_q)).sum(dim=1)
@@ -215,16 +245,20 @@ def plop_pseudo_labels(
     return targets, weights.float()
 
 
-def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, image_weights: torch.Tensor) -> torch.Tensor:
+def weighted_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, image_weights: torch.Tensor, mean: PixelMean | None = None
+) -> torch.Tensor:
     """Pixel-wise cross-entropy with each image's pixels scaled by its weight, averaged over labelled pixels.
 
     255 is ignored; with all weights 1 this is ``cross_entropy``. Zero (with a graph) when every pixel is ignored.
     """
     labelled = labels != IGNORE_INDEX
-    if not bool(labelled.any()):
+    if mean is None and not bool(labelled.any()):
         return logits.sum() * 0.0
     per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
     weights = image_weights.to(per_pixel.dtype).view(-1, *[1] * (per_pixel.dim() - 1))
+    if mean is not None:
+        return mean((per_pixel * weights).sum(), labelled.sum())
     return (per_pixel * weights).sum() / labelled.sum()
 
 

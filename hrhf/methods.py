@@ -56,37 +56,39 @@ def step_loss(
     student_fake: torch.Tensor | None = None,
     teacher_fake: torch.Tensor | None = None,
     plop: PlopInputs | None = None,
+    mean: losses.PixelMean | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one batch and its parts; fake tensors are None for methods without a fake half.
 
     ``n_old`` counts old foreground classes (0 at step 0, where only the CE term applies). ``plop``
-    carries the thresholds (ce == "plop") and the tapped feature maps (pod) of the real half.
+    carries the thresholds (ce == "plop") and the tapped feature maps (pod) of the real half. ``mean``
+    turns the pixel-averaged terms' sums into means (losses.PixelMean; data-parallel workers).
     """
     parts: dict[str, torch.Tensor] = {}
     if n_old == 0 or method.ce == "plain" or method.joint:
-        parts["ce_real"] = losses.cross_entropy(student_real, labels_real)
+        parts["ce_real"] = losses.cross_entropy(student_real, labels_real, mean)
     elif method.ce == "unbiased":
-        parts["ce_real"] = losses.unbiased_cross_entropy(student_real, labels_real, n_old)
+        parts["ce_real"] = losses.unbiased_cross_entropy(student_real, labels_real, n_old, mean)
     elif method.ce == "plop":
         if teacher_real is None or plop is None or plop.thresholds is None:
             raise ValueError("ce='plop' needs the old model's logits and the step's entropy thresholds")
         targets, image_weights = losses.plop_pseudo_labels(teacher_real, labels_real, n_old, plop.thresholds)
-        parts["ce_real"] = losses.weighted_cross_entropy(student_real, targets, image_weights)
+        parts["ce_real"] = losses.weighted_cross_entropy(student_real, targets, image_weights, mean)
     else:
-        parts["ce_real"] = losses.cross_entropy(student_real, losses.pseudo_labels(labels_real, teacher_real))
+        parts["ce_real"] = losses.cross_entropy(student_real, losses.pseudo_labels(labels_real, teacher_real), mean)
     total = parts["ce_real"]
     if n_old > 0 and not method.joint:
         if method.kd_real != "none":
             kd = losses.unbiased_knowledge_distillation if method.kd_real == "unbiased" else losses.knowledge_distillation
             keep = None if method.kd_on_new else losses.outside_new_classes(labels_real, n_old)
-            parts["kd_real"] = kd(student_real, teacher_real, method.kd_temperature, keep)
+            parts["kd_real"] = kd(student_real, teacher_real, method.kd_temperature, keep, mean)
             total = total + method.w_kd_real * parts["kd_real"]
         if method.pod:
             parts["pod"] = pod_loss(method, n_old, student_real, teacher_real, plop)
             total = total + method.w_pod * parts["pod"]
         if method.fake and student_fake is not None:
-            parts["kd_fake"] = losses.knowledge_distillation(student_fake, teacher_fake, method.kd_temperature)
-            parts["ce_fake"] = losses.cross_entropy(student_fake, losses.predicted_classes(teacher_fake))
+            parts["kd_fake"] = losses.knowledge_distillation(student_fake, teacher_fake, method.kd_temperature, mean=mean)
+            parts["ce_fake"] = losses.cross_entropy(student_fake, losses.predicted_classes(teacher_fake), mean)
             total = total + method.w_fake * (parts["kd_fake"] + method.w_ce_fake * parts["ce_fake"])
     return total, {name: float(value.detach()) for name, value in parts.items()}
 

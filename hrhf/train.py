@@ -6,8 +6,8 @@ never of the number of workers: each epoch shuffles the step's real images into 
 starts at g * fake_per_batch in the synthetic set, read cyclically (the targets are interleaved, so any
 run mixes classes and scales); every augmentation draw is seeded by (seed, epoch, item). A worker of
 ``world`` takes its contiguous share of each global batch. One worker and N workers therefore see
-the same images in the same order; what differs is only where BatchNorm statistics are taken
-(``train.sync_bn`` makes them global on GPUs).
+the same images in the same order. BatchNorm statistics (``train.sync_bn``) and every pixel-averaged
+loss term (``global_pixel_mean``) are taken over the global batch, so their gradients are one process's.
 """
 
 from __future__ import annotations
@@ -222,6 +222,22 @@ def mixed_batches(
         yield images, labels, fake_images
 
 
+def global_pixel_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """losses.PixelMean over the global batch of data-parallel workers: this worker's sum over the mean count per worker.
+
+    DDP averages the workers' gradients, so the average is the gradient of the sum over every worker's
+    pixels divided by their total count: one process's mean over the whole batch.
+    """
+    counts = count.detach().to(device=total.device, dtype=torch.float64).reshape(1)
+    dist.all_reduce(counts)
+    return total * (dist.get_world_size() / counts.clamp_min(1)).to(total.dtype)
+
+
+def data_parallel() -> bool:
+    """Whether this process is one of several data-parallel workers."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def train_steps(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -254,6 +270,8 @@ def train_steps(
     use_teacher_real = teacher is not None and needs_teacher_on_real(method)
     use_pod = method.pod and teacher is not None and plan.n_old > 0 and not method.joint
     taps = (FeatureTap(student), FeatureTap(teacher)) if use_pod else ()
+    # Workers' shares of a batch can hold different numbers of labelled pixels: average over the whole batch.
+    mean = global_pixel_mean if data_parallel() else None
     try:
         for images, labels, fake_images in batches:
             for group in optimizer.param_groups:
@@ -282,6 +300,7 @@ def train_steps(
                 student_fake=None if fake_images is None else outputs[n_real:],
                 teacher_fake=None if fake_images is None or teacher_out is None else teacher_out[n_real:],
                 plop=plop,
+                mean=mean,
             )
             for tap in taps:
                 tap.clear()

@@ -116,3 +116,33 @@ def test_step_loss_without_kd_on_new_pixels_leaves_them_to_the_cross_entropy():
         assert abs(parts["kd_real"] - float(kd.detach())) < 1e-6
         (grad,) = torch.autograd.grad(kd, student)
         assert bool((grad[0, :, 1].abs().sum() > 0)) == kd_on_new and bool(grad[0, :, 0].abs().sum() > 0)
+
+
+def test_every_pixel_averaged_term_takes_its_mean_from_the_given_pixel_mean():
+    # the sums handed to a PixelMean, divided by the counts handed with them, are the terms' own means
+    torch.manual_seed(1)
+    student, teacher = torch.randn(3, 6, 5, 5), torch.randn(3, 4, 5, 5)
+    labels = torch.randint(0, 6, (3, 5, 5))
+    labels[0, :2] = 255
+    keep = torch.rand(3, 5, 5) > 0.3
+    weights = torch.tensor([1.0, 0.5, 0.25])
+    seen = []
+
+    def mean(total, count):
+        seen.append(int(count))
+        return total / count
+
+    pairs = [
+        (losses.cross_entropy(student, labels), losses.cross_entropy(student, labels, mean)),
+        (losses.unbiased_cross_entropy(student, labels, 3), losses.unbiased_cross_entropy(student, labels, 3, mean)),
+        (losses.weighted_cross_entropy(student, labels, weights), losses.weighted_cross_entropy(student, labels, weights, mean)),
+        (losses.knowledge_distillation(student, teacher, 2.0), losses.knowledge_distillation(student, teacher, 2.0, mean=mean)),
+        (losses.unbiased_knowledge_distillation(student, teacher, 1.0, keep),
+         losses.unbiased_knowledge_distillation(student, teacher, 1.0, keep, mean)),
+    ]
+    for own, given in pairs:
+        torch.testing.assert_close(given, own)
+    assert seen == [65, 65, 65, 75, 75]  # labelled pixels for the cross-entropies, every pixel for KD
+    # a PixelMean scales each term: a worker whose share holds a third of the batch's pixels
+    torch.testing.assert_close(losses.cross_entropy(student, labels, lambda t, c: t / (3 * c)),
+                               losses.cross_entropy(student, labels) / 3)

@@ -2,10 +2,12 @@
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
 
 from conftest import free_port as _free_port
 from hrhf.batchnorm import synchronise_batchnorm
@@ -14,7 +16,7 @@ from hrhf.data import make_source
 from hrhf.data.incremental import StepDataset
 from hrhf.inversion import SyntheticSet
 from hrhf.models import build_model, widen_classifier
-from hrhf.tasks import label_lut, make_task_from_steps
+from hrhf.tasks import IGNORE_INDEX, label_lut, make_task_from_steps
 from hrhf.train import (
     InMemoryFake,
     SeededItems,
@@ -30,11 +32,30 @@ from hrhf.train import (
 )
 
 
-def _setup():
+class _IgnoredBands(Dataset):
+    """Each item's mask with a band of ignored rows whose height depends on the item, as VOC's object borders
+    leave the workers' shares of a batch with different numbers of labelled pixels."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.dataset[item]
+        mask = mask.clone()
+        mask[: (item * 7) % 29] = IGNORE_INDEX
+        return image, mask
+
+
+def _setup(ignored_bands: bool = False):
     """Step 1 of a 3+2 protocol on 40 shapes images with augmentation, a widened width-4 student, 10 fake images."""
     task = make_task_from_steps("shapes", [[1, 2, 3], [4, 5]], overlap=True)
     source = make_source("shapes", "train", image_size=32, size=40, seed=0)
     real = StepDataset(source, range(len(source)), label_lut(task, 1, "train"), None)
+    if ignored_bands:
+        real = _IgnoredBands(real)
     torch.manual_seed(0)
     teacher = build_model("small", 4, width=4)
     student = widen_classifier(build_model("small", 4, width=4), 2)
@@ -45,8 +66,8 @@ def _setup():
     return real, fake, teacher, student, plan
 
 
-def _train(rank: int, world: int) -> torch.nn.Module:
-    real, fake, teacher, student, plan = _setup()
+def _train(rank: int, world: int, ignored_bands: bool = False) -> torch.nn.Module:
+    real, fake, teacher, student, plan = _setup(ignored_bands)
     iters = iters_per_epoch(len(real), plan.batch_size)
     items = SeededItems(real, plan.seed)
     net = synchronise_batchnorm(student, torch.device("cpu")) if world > 1 else student
@@ -62,12 +83,12 @@ def _train(rank: int, world: int) -> torch.nn.Module:
     return net
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, ignored_bands: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        net = _train(rank, 2)
+        net = _train(rank, 2, ignored_bands)
         torch.save(net.state_dict(), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -90,10 +111,11 @@ def test_shares_of_a_global_batch_do_not_depend_on_the_worker_count():
     assert len(whole) == plan.fake_per_batch
 
 
-def test_two_ddp_workers_reach_the_weights_of_one_process(tmp_path):
+@pytest.mark.parametrize("ignored_bands", [False, True], ids=["every pixel labelled", "ignored pixels differ per worker"])
+def test_two_ddp_workers_reach_the_weights_of_one_process(tmp_path, ignored_bands):
     torch.set_num_threads(1)
-    single = _train(0, 1).state_dict()
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    single = _train(0, 1, ignored_bands).state_dict()
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path), ignored_bands), nprocs=2, start_method="spawn")
     for rank in range(2):
         state = torch.load(tmp_path / f"rank{rank}.pt")
         for name, value in single.items():
