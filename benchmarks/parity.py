@@ -3,6 +3,7 @@
     python benchmarks/parity.py --json runs/parity.json              # the parity config, a few minutes
     python benchmarks/parity.py --preset default --json runs/parity-default.json
     python benchmarks/parity.py --gpu --json runs/parity-gpu.json     # Ray workers on GPUs (NCCL)
+    python benchmarks/parity.py --threads 1,2,3,4                      # in process only, per thread count
 
 Every run trains the same global batches (hrhf.train fixes them by seed, not by worker count); what
 may differ is floating-point summation order, and, with ``--set train.sync_bn=false``, BatchNorm
@@ -70,6 +71,34 @@ def run_label(name: str) -> str:
             "in_process_again": "in process, the same run again"}[name]
 
 
+def thread_sweep(args: argparse.Namespace, counts: list[int]) -> int:
+    """The in-process run at each torch thread count: the same batches, only the order of float sums differs."""
+    cfg = parity_config(args.preset, list(args.overrides), args.method)
+    threads = torch.get_num_threads()
+    start = time.perf_counter()
+    rows = {}
+    try:
+        for count in counts:
+            torch.set_num_threads(count)
+            begin = time.perf_counter()
+            report = run(cfg, log=_quiet)
+            rows[count] = ([100 * s["metrics"]["all"] for s in report["steps"]], time.perf_counter() - begin)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"Command: `python benchmarks/parity.py {' '.join(sys.argv[1:])}` ({time.perf_counter() - start:.0f} s)\n")
+    steps = len(next(iter(rows.values()))[0])
+    print("| torch threads | " + " | ".join(f"all after step {s}" for s in range(steps)) + " | seconds |")
+    print("|---|" + "---|" * (steps + 1))
+    for count, (per_step, seconds) in rows.items():
+        print(f"| {count} | " + " | ".join(f"{v:.2f}" for v in per_step) + f" | {seconds:.0f} |")
+    last = [per_step[-1] for per_step, _ in rows.values()]
+    print(f"\nrange of the last step's all-class mIoU over thread counts: {max(last) - min(last):.2f} points")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({str(c): per_step for c, (per_step, _) in rows.items()}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the three configurations and print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,8 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise-floor", action="store_true",
                         help="also run in process with another torch thread count (on CUDA: the same run again): "
                              "how far float summation order alone moves the figure")
+    parser.add_argument("--threads", default=None, metavar="N,N,...",
+                        help="instead: the in-process run at each of these torch thread counts, no Ray: "
+                             "how far float summation order alone spreads the figure")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.threads:
+        return thread_sweep(args, [int(n) for n in args.threads.split(",")])
     overrides = list(args.overrides)
     cfg = parity_config(args.preset, overrides, args.method)
     results: dict[str, dict] = {}

@@ -22,3 +22,13 @@ def test_smoke_config_gives_the_same_miou_in_process_and_on_one_or_two_ray_worke
         assert abs(ours - theirs) < 0.005
     assert figures["spread"] <= 1.0
     assert set(figures) >= {"in_process", "ray_1", "ray_2", "spread"}
+
+
+def test_thread_sweep_runs_in_process_once_per_thread_count(tmp_path):
+    spec = importlib.util.spec_from_file_location("parity", ROOT / "benchmarks" / "parity.py")
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)
+    out = tmp_path / "threads.json"
+    assert parity.main(["--preset", "smoke", "--threads", "1,2", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert set(figures) == {"1", "2"} and all(len(per_step) == 3 for per_step in figures.values())
