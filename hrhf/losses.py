@@ -37,7 +37,8 @@ def predicted_classes(logits: torch.Tensor) -> torch.Tensor:
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mean: PixelMean | None = None) -> torch.Tensor:
     """Pixel-wise cross-entropy, 255 ignored; zero (with a graph) when every pixel is ignored."""
     if mean is not None:
-        return mean(F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"), (labels != IGNORE_INDEX).sum())
+        total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return mean(total, (labels != IGNORE_INDEX).sum())
     if not bool((labels != IGNORE_INDEX).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
@@ -58,7 +59,8 @@ def unbiased_cross_entropy(
     merged = torch.where((labels > n_old) & (labels != IGNORE_INDEX), labels - n_old, labels)
     merged = torch.where(labels <= n_old, torch.zeros_like(labels), merged)
     if mean is not None:
-        return mean(F.nll_loss(log_probs, merged, ignore_index=IGNORE_INDEX, reduction="sum"), (merged != IGNORE_INDEX).sum())
+        total = F.nll_loss(log_probs, merged, ignore_index=IGNORE_INDEX, reduction="sum")
+        return mean(total, (merged != IGNORE_INDEX).sum())
     if not bool((merged != IGNORE_INDEX).any()):
         return logits.sum() * 0.0
     return F.nll_loss(log_probs, merged, ignore_index=IGNORE_INDEX)
