@@ -13,12 +13,17 @@ import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 
+def data_parallel() -> bool:
+    """Whether this process is one of several data-parallel workers."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the batch summed over every process of the group."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise with global batch statistics in training, with the running ones in evaluation."""
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and data_parallel()):
             return super().forward(x)
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         local = torch.cat([x.sum(dim=(0, 2, 3)), x.pow(2).sum(dim=(0, 2, 3)), count])

@@ -103,14 +103,13 @@ def _kd_mean(
 ) -> torch.Tensor:
     """KL(teacher || student) per pixel, times T^2, averaged over every pixel (zero where ``keep`` is False)."""
     p = F.softmax(teacher / temperature, dim=1)
-    if mean is not None:
-        per_pixel = (p * (p.clamp_min(1e-12).log() - log_q)).sum(dim=1)
-        kept = per_pixel if keep is None else per_pixel * keep
-        return mean(kept.sum(), torch.tensor(per_pixel.numel(), device=per_pixel.device)) * temperature**2
-    if keep is None:
+    if keep is None and mean is None:
         return -(p * log_q).sum(dim=1).mean() * temperature**2 + (p * p.clamp_min(1e-12).log()).sum(1).mean() * temperature**2
     per_pixel = (p * (p.clamp_min(1e-12).log() - log_q)).sum(dim=1)
-    return (per_pixel * keep).mean() * temperature**2
+    kept = per_pixel if keep is None else per_pixel * keep
+    if mean is not None:
+        return mean(kept.sum(), torch.tensor(per_pixel.numel(), device=per_pixel.device)) * temperature**2
+    return kept.mean() * temperature**2
 
 
 def outside_new_classes(labels: torch.Tensor, n_old: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from hrhf.batchnorm import data_parallel
 from hrhf.config import Config, MethodConfig
 from hrhf.features import FeatureTap
 from hrhf.inversion import NonFiniteError, SyntheticData, SyntheticSet
@@ -231,11 +232,6 @@ def global_pixel_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     counts = count.detach().to(device=total.device, dtype=torch.float64).reshape(1)
     dist.all_reduce(counts)
     return total * (dist.get_world_size() / counts.clamp_min(1)).to(total.dtype)
-
-
-def data_parallel() -> bool:
-    """Whether this process is one of several data-parallel workers."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def train_steps(
