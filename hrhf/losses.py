@@ -6,6 +6,7 @@ Channel convention: index 0 is background, 1..n_old are the old classes, the res
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 
@@ -272,6 +273,38 @@ def fold_new_into_background(student_logits: torch.Tensor, n_old: int) -> torch.
     return torch.cat([background, student_logits[:, 1 : n_old + 1]], dim=1)
 
 
+@functools.lru_cache(maxsize=64)
+def _window_means(size: int, scales: tuple[int, ...]) -> torch.Tensor:
+    """(sum(scales), size) matrix: for each scale s, s rows averaging the near-equal chunks ``tensor_split`` cuts."""
+    chunks = [chunk for s in scales for chunk in torch.arange(size).tensor_split(s)]
+    matrix = torch.zeros(len(chunks), size, dtype=torch.float64)
+    for k, chunk in enumerate(chunks):
+        matrix[k, chunk] = 1.0 / len(chunk)
+    return matrix
+
+
+@functools.lru_cache(maxsize=64)
+def _pod_layout(channels: int, height: int, width: int, scales: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each embedding entry sits in the pooled maps, and which profile it belongs to.
+
+    The pooled maps are the width-pooled (C, H, sum(scales)) map and the height-pooled
+    (C, sum(scales), W) map, flattened and concatenated. Returns (index into them, profile number).
+    """
+    windows = sum(scales)
+    channel = torch.arange(channels)[:, None]
+    by_height = channels * height * windows  # where the height-pooled map starts
+    index, first = [], 0  # first: the scale's first window row / column in the pooled maps
+    for s in scales:
+        row_chunks, col_chunks = torch.arange(height).tensor_split(s), torch.arange(width).tensor_split(s)
+        for i, rows in enumerate(row_chunks):
+            for j, cols in enumerate(col_chunks):
+                index.append((channel * height * windows + rows[None, :] * windows + first + j).flatten())
+                index.append((by_height + channel * windows * width + (first + i) * width + cols[None, :]).flatten())
+        first += s
+    profile = torch.cat([torch.full((len(idx),), k) for k, idx in enumerate(index)])
+    return torch.cat(index), profile
+
+
 def local_pod_embedding(
     features: torch.Tensor, scales: Sequence[int] = (1, 2, 4), normalize: bool = False
 ) -> torch.Tensor:
@@ -280,19 +313,25 @@ def local_pod_embedding(
     At scale s the map is cut into an s x s grid of windows (sides 1/s of the map's; when s does not
     divide a side, windows differ by one pixel). Each window gives its width-pooled profile (mean over
     its columns: C x rows values) and its height-pooled profile (mean over its rows: C x columns
-    values); with ``normalize`` each profile is L2-normalised. All profiles are concatenated.
+    values); with ``normalize`` each profile is L2-normalised. All profiles are concatenated, windows
+    row-major within a scale, scales in order.
     """
-    n, _, height, width = features.shape
+    n, channels, height, width = features.shape
     if any(s < 1 or s > min(height, width) for s in scales):
         raise ValueError(f"scales {list(scales)} must lie in [1, {min(height, width)}] for a {height}x{width} map")
-    profiles = []
-    for s in scales:
-        for rows in features.tensor_split(s, dim=2):
-            for window in rows.tensor_split(s, dim=3):
-                for profile in (window.mean(dim=3), window.mean(dim=2)):
-                    profile = profile.reshape(n, -1)
-                    profiles.append(F.normalize(profile, dim=1) if normalize else profile)
-    return torch.cat(profiles, dim=1)
+    scales = tuple(scales)
+    # Every window of every scale from two matrix products: a mean per window (and its backward)
+    # costs more than the rest of the training step on CPU.
+    by_width = features @ _window_means(width, scales).to(features).T  # (N, C, H, sum(scales))
+    by_height = _window_means(height, scales).to(features) @ features  # (N, C, sum(scales), W)
+    index, profile = _pod_layout(channels, height, width, scales)
+    pooled = torch.cat([by_width.reshape(n, -1), by_height.reshape(n, -1)], dim=1)
+    embedding = pooled.index_select(1, index.to(features.device))
+    if normalize:
+        profile = profile.to(features.device)
+        norms = embedding.new_zeros(n, int(profile[-1]) + 1).index_add_(1, profile, embedding.square()).sqrt()
+        embedding = embedding / norms.clamp_min(1e-12).index_select(1, profile)
+    return embedding
 
 
 def local_pod(

@@ -73,6 +73,25 @@ def test_local_pod_embedding_hand_computed_window_pyramid():
     assert torch.allclose(normalized[0, :4], torch.tensor(expected[:4]) / torch.tensor(expected[:4]).norm())
 
 
+def test_local_pod_embedding_uneven_windows_match_their_slices():
+    # 7 x 9 maps at scales 1-3: windows differ by a pixel; each profile is the mean of its own slice.
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64)
+    expected = []
+    for s in (1, 2, 3):
+        rows = [(0, 7)] if s == 1 else [(0, 4), (4, 7)] if s == 2 else [(0, 3), (3, 5), (5, 7)]
+        cols = [(0, 9)] if s == 1 else [(0, 5), (5, 9)] if s == 2 else [(0, 3), (3, 6), (6, 9)]
+        for r0, r1 in rows:
+            for c0, c1 in cols:
+                window = x[:, :, r0:r1, c0:c1]
+                expected += [window.mean(dim=3).flatten(1), window.mean(dim=2).flatten(1)]
+    embedding = losses.local_pod_embedding(x, scales=(1, 2, 3))
+    assert torch.allclose(embedding, torch.cat(expected, dim=1), rtol=0, atol=1e-12)
+    normalized = losses.local_pod_embedding(x, scales=(1, 2, 3), normalize=True)
+    unit = torch.cat([torch.nn.functional.normalize(p, dim=1) for p in expected], dim=1)
+    assert torch.allclose(normalized, unit, rtol=0, atol=1e-12)
+
+
 def test_local_windows_see_what_whole_map_pooling_misses():
     # Two checkerboards with the same row and column means everywhere: only the 2x2 windows tell them apart.
     board = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat_interleave(2, 0).repeat_interleave(2, 1)
