@@ -5,12 +5,14 @@
     python benchmarks/quality.py --ablation               # SAA vs GAP vs GMP on 6-2-2 and 6-1
 
 Prints Markdown tables of mIoU in percent (old / new / all after the last step, and per step). The
-step-0 model of a seed is trained once and shared by every method that starts from it; joint training
-(the upper bound) is run for the last step only. Runs wait only for their own seed's step-0 model, and
-the longest ready run starts first. ``--json PATH`` writes the last step's means as
-fractions in [0, 1]: ``{method: {"old", "new", "all"}}`` for one protocol, ``{protocol: {method: ...}}``
-for several. ``--runs-dir DIR`` keeps every run's directory (step checkpoints, galleries, report) as
-DIR/METHOD-PROTOCOL-sSEED, for benchmarks/inversion_hits.py and the like; a rerun into it resumes.
+step-0 model of a seed is trained once and shared by every method that starts from it. Joint training
+(the upper bound) runs the last step only, once per seed for all protocols that end on the same classes
+in the same order; each protocol reads its own old / new split from that run. Runs wait only for their
+own seed's step-0 model, and the longest ready run starts first. ``--json PATH`` writes the last step's
+means as fractions in [0, 1]: ``{method: {"old", "new", "all"}}`` for one protocol,
+``{protocol: {method: ...}}`` for several. ``--runs-dir DIR`` keeps every run's directory (step
+checkpoints, galleries, report) as DIR/METHOD-PROTOCOL-sSEED, for benchmarks/inversion_hits.py and the
+like; a rerun into it resumes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 from hrhf.config import Config, load_config
 from hrhf.inversion import SegInversion, make_targets
+from hrhf.metrics import summarize_iou
 from hrhf.models import load_checkpoint
 from hrhf.pipeline import run, sources_of, task_of
 from hrhf.report import pct
@@ -148,6 +151,19 @@ def missing_bases(args: argparse.Namespace) -> list:
     return [("base", cfg, {"run_dir": d, "last_step": 0}) for d, cfg in missing.items()]
 
 
+def joint_for(report: dict, cfg: Config) -> dict:
+    """A joint run's report with its last step's mIoU split into ``cfg``'s old and new classes.
+
+    Joint training on the same classes in the same order is the same experiment whatever the
+    protocol (its step only seeds it), so one run per seed serves every protocol that ends there.
+    """
+    task = task_of(cfg)
+    last = task.num_steps - 1
+    per_class = report["steps"][-1]["metrics"]["per_class"]
+    metrics = summarize_iou(per_class, task.old_indices(last), task.new_indices(last))
+    return {**report, "steps": [{**report["steps"][-1], "step": last, "metrics": metrics}]}
+
+
 def quality(args: argparse.Namespace) -> dict:
     """Run every method on every protocol and seed; return {protocol: {method: [report per seed]}}."""
     methods = [m for m in args.methods.split(",") if m]
@@ -155,12 +171,19 @@ def quality(args: argparse.Namespace) -> dict:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
     bases = missing_bases(args)
-    jobs = []
+    jobs: list = []
+    rows: list = []  # (config of a table row, index of the job that serves it), in seed / protocol / method order
+    joint_job: dict = {}  # (seed, class order) -> index of the one joint run of that seed and class order
     for seed in args.seeds:
         for protocol in args.protocols:
             for method in methods:
                 if method == "joint":
                     cfg = make_config(args, method, protocol, seed)
+                    key = (seed, task_of(cfg).order)
+                    if key in joint_job:
+                        rows.append((cfg, joint_job[key]))
+                        continue
+                    joint_job[key] = len(jobs)
                     options = {"first_step": task_of(cfg).num_steps - 1}
                 else:
                     base = base_dir(args, make_config(args, "ft", protocol, seed))
@@ -168,13 +191,15 @@ def quality(args: argparse.Namespace) -> dict:
                     options = {}
                 if args.runs_dir:
                     options["run_dir"] = str(Path(args.runs_dir) / f"{method}-{protocol}-s{seed}")
+                rows.append((cfg, len(jobs)))
                 jobs.append(("run", cfg, options))
     print(f"training {len(bases)} step-0 model(s) and running {len(jobs)} incremental runs on {args.jobs} processes",
           file=sys.stderr, flush=True)
+    reports = [report for _, _, report in run_jobs(bases + jobs, args.jobs)[len(bases):]]
     results: dict = {}
-    for kind, cfg, report in run_jobs(bases + jobs, args.jobs):
-        if kind == "run":
-            results.setdefault(cfg.data.protocol, {}).setdefault(cfg.method.name, []).append(report)
+    for cfg, i in rows:
+        report = joint_for(reports[i], cfg) if cfg.method.joint else reports[i]
+        results.setdefault(cfg.data.protocol, {}).setdefault(cfg.method.name, []).append(report)
     return results
 
 

@@ -1,8 +1,10 @@
-"""benchmarks/quality.py's summaries: the per-seed gain of HRHF over MiB."""
+"""benchmarks/quality.py: its summaries, its job queue and which runs it shares."""
 
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -57,7 +59,7 @@ def test_runs_dir_gives_every_run_a_folder_of_its_own(monkeypatch, tmp_path):
 
     jobs = []
     monkeypatch.setattr(quality, "missing_bases", lambda args: [])
-    monkeypatch.setattr(quality, "run_jobs", lambda todo, workers: jobs.extend(todo) or [])
+    monkeypatch.setattr(quality, "run_jobs", lambda todo, workers: jobs.extend(todo) or [_fake_result(j) for j in todo])
     args = argparse.Namespace(overrides=[], class_order=None, preset="smoke", cache_dir=str(tmp_path / "cache"),
                               methods="hrhf,joint", seeds=[0, 1], protocols=["6-2-2"], jobs=1,
                               runs_dir=str(tmp_path / "runs"))
@@ -69,6 +71,37 @@ def test_runs_dir_gives_every_run_a_folder_of_its_own(monkeypatch, tmp_path):
     jobs.clear()
     quality.quality(args)
     assert not any("run_dir" in options for _, _, options in jobs)
+
+
+def _fake_result(job):
+    """What run_jobs gives back for a job: its last step's per-class IoU 0.0, 0.1, 0.2, ... by model index."""
+    kind, cfg, _ = job
+    per_class = [i / 10 for i in range(len(quality.task_of(cfg).order) + 1)]
+    return kind, cfg, {"config": {"seed": cfg.seed}, "steps": [{"step": -1, "metrics": {"per_class": per_class}}]}
+
+
+def test_one_joint_run_per_seed_serves_every_protocol_ending_on_its_classes(monkeypatch, tmp_path):
+    import argparse
+
+    jobs = []
+    monkeypatch.setattr(quality, "missing_bases", lambda args: [])
+    monkeypatch.setattr(quality, "run_jobs", lambda todo, workers: jobs.extend(todo) or [_fake_result(j) for j in todo])
+    args = argparse.Namespace(overrides=[], class_order=None, preset="smoke", cache_dir=str(tmp_path), runs_dir=None,
+                              methods="ft,joint", seeds=[0, 1], protocols=["5-1", "6-2-2", "6-1"], jobs=1)
+    results = quality.quality(args)
+    joint_jobs = [cfg for _, cfg, _ in jobs if cfg.method.joint]
+    assert sorted(cfg.seed for cfg in joint_jobs) == [0, 1]  # not one per protocol
+    assert sum(not cfg.method.joint for _, cfg, _ in jobs) == 6
+    for protocol, last, old, new in (("5-1", 5, range(1, 10), [10]), ("6-2-2", 2, range(1, 9), [9, 10]),
+                                     ("6-1", 4, range(1, 10), [10])):
+        rows = results[protocol]["joint"]
+        assert [r["config"]["seed"] for r in rows] == [0, 1]
+        for row in rows:
+            (step,) = row["steps"]
+            assert step["step"] == last
+            assert step["metrics"]["old"] == pytest.approx(sum(old) / 10 / len(old))
+            assert step["metrics"]["new"] == pytest.approx(sum(new) / 10 / len(new))
+    assert [r["config"]["seed"] for r in results["6-1"]["ft"]] == [0, 1]
 
 
 def _timed_work(job):
