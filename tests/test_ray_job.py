@@ -205,6 +205,7 @@ def test_job_submit_runs_and_resumes(ray_head, tmp_path):
     run_dir = tmp_path / "run"
     first = submit(ray_head, "--run-dir", str(run_dir))
     _assert_succeeded(first)
+    assert "constructor arguments in the object store" not in first.stdout + first.stderr
     report = json.loads((run_dir / "report.json").read_text())
     _assert_complete(report)
     shards = sorted((run_dir / "synthetic" / "shards").glob("*.parquet"))

@@ -63,13 +63,27 @@ def _inject_fault(shard_id: str) -> None:
 
 @ray.remote
 class SynthesisActor:
-    """Holds a SegInversion of the teacher and inverts one shard of targets per call."""
+    """Holds a SegInversion of the current teacher and inverts one shard of targets per call."""
 
-    def __init__(
-        self, teacher: ModelSpec, cfg: InversionConfig, image_size: int, use_gpu: bool, torch_threads: int
-    ) -> None:
+    def __init__(self, cfg: InversionConfig, image_size: int, use_gpu: bool, torch_threads: int) -> None:
         torch.set_num_threads(torch_threads)
-        self.inverter = SegInversion(teacher.build(), cfg, image_size, compute_device(use_gpu, "synthesis"))
+        self.cfg, self.image_size, self.use_gpu = cfg, image_size, use_gpu
+        self.model_id: str | None = None
+        self.inverter: SegInversion | None = None
+
+    def _inverter_of(self, teacher: list[ray.ObjectRef], model_id: str, shard_id: str) -> SegInversion:
+        """The inverter of the teacher ``model_id``, built from its spec on first use."""
+        if self.model_id != model_id:
+            # The spec travels with each call, not the constructor: Ray pins a restartable actor's
+            # constructor arguments, and would otherwise warn about them on every job.
+            (spec,) = ray.get(teacher)
+            try:
+                model = spec.build()
+            except Exception as err:  # a new actor would fail the same way: say which shard, do not retry
+                raise RuntimeError(f"shard {shard_id}: cannot rebuild the teacher {model_id}: {err}") from err
+            self.inverter = SegInversion(model, self.cfg, self.image_size, compute_device(self.use_gpu, "synthesis"))
+            self.model_id = model_id
+        return self.inverter
 
     @ray.method(num_returns=2)
     def run_shard(
@@ -77,13 +91,15 @@ class SynthesisActor:
         shard_id: str,
         targets: list[Target],
         step: int,
+        teacher: list[ray.ObjectRef],
         model_id: str,
         store_uri: str | None = None,
         storage_options: dict | None = None,
     ) -> tuple[dict[str, Any], pa.Table | None]:
-        """Invert the targets: a summary with their metadata, and their table (None when written as a shard)."""
+        """Invert the targets with the teacher (its ModelSpec ref, in a list so that Ray does not fetch it
+        on every call): a summary with their metadata, and their table (None when written as a shard)."""
         _inject_fault(shard_id)
-        synthetic = self.inverter.invert(targets)
+        synthetic = self._inverter_of(teacher, model_id, shard_id).invert(targets)
         table = to_table(synthetic, model_id, step, shard_id)
         summary = {"shard_id": shard_id, "meta": synthetic.meta, "peak_rss_mb": peak_rss_mb()}
         if store_uri is None:
@@ -209,7 +225,7 @@ class RaySynthesizer:
 
         def new_actor() -> ray.actor.ActorHandle:
             return SynthesisActor.options(**options).remote(
-                spec, self.cfg.inversion, self.cfg.data.image_size, self.use_gpu, max(1, int(self.cpus_per_actor))
+                self.cfg.inversion, self.cfg.data.image_size, self.use_gpu, max(1, int(self.cpus_per_actor))
             )
 
         actors = [new_actor() for _ in range(min(self.num_actors, len(todo)))]
@@ -227,7 +243,7 @@ class RaySynthesizer:
                     actor = idle.pop()
                     shard_id, shard_targets = pending.popleft()
                     ref, table_ref = actor.run_shard.remote(
-                        shard_id, shard_targets, step, teacher_id, self.store_uri, self.storage_options
+                        shard_id, shard_targets, step, [spec], teacher_id, self.store_uri, self.storage_options
                     )
                     running[ref] = (actor, shard_id, shard_targets)
                     tables[shard_id] = table_ref
