@@ -289,6 +289,23 @@ def new_class_floor(results: dict) -> str:
     return "\n".join(lines)
 
 
+def base_against_joint(results: dict) -> str:
+    """The step-0 model's mIoU on the base classes against joint training's on the same classes (goal: 90%)."""
+    lines = []
+    for protocol, by_method in results.items():
+        joint = by_method.get("joint", [])
+        incremental = next((reports for method, reports in by_method.items() if method != "joint"), [])
+        if not joint or not incremental:
+            continue
+        step0 = [r["steps"][0]["metrics"] for r in incremental]
+        base = range(1, len(step0[0]["per_class"]))  # step 0's model outputs: background and the base classes
+        ours = statistics.mean(m["new"] for m in step0)
+        theirs = statistics.mean(statistics.mean(r["steps"][-1]["metrics"]["per_class"][i] for i in base) for r in joint)
+        lines.append(f"- {protocol}: step-0 model on the {len(base)} base classes = {100 * ours:.1f}, joint training on "
+                     f"them = {100 * theirs:.1f} ({ours / theirs:.2f} of joint; goal >= 0.90)")
+    return "\n".join(lines)
+
+
 ABLATION_SCALES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 AGGREGATIONS = ("saa", "gap", "gmp")
 
@@ -423,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + checks(summary))
     print(per_seed_gains(results))
     print(new_class_floor(results))
+    print(base_against_joint(results))
     print("\nTraining images of each step that show an old class:\n")
     print(old_object_shares(args))
     if args.json:

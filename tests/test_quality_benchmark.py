@@ -39,6 +39,15 @@ def test_new_class_floor_finds_the_weakest_incremental_step_of_any_seed():
     assert quality.new_class_floor({"6-1": {"mib": [_steps_report(0, [0.5, 0.5])]}}) == ""
 
 
+def test_step0_model_is_compared_with_joint_on_the_base_classes_only():
+    step0 = {"step": 0, "metrics": {"new": 0.90, "per_class": [0.99, 0.9, 0.9]}}  # background and 2 base classes
+    mib = {"config": {"seed": 0}, "steps": [step0, {"step": 1, "metrics": {"new": 0.1}}]}
+    joint = {"config": {"seed": 0}, "steps": [{"step": 1, "metrics": {"per_class": [0.99, 0.8, 1.0, 0.1]}}]}
+    line = quality.base_against_joint({"2-1": {"mib": [mib], "joint": [joint]}})
+    assert "base classes = 90.0, joint training on them = 90.0 (1.00 of joint" in line  # class 3 left out
+    assert quality.base_against_joint({"2-1": {"joint": [joint]}}) == ""
+
+
 def test_step0_cache_is_shared_by_protocols_and_methods_but_not_by_other_data():
     import argparse
 
