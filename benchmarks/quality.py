@@ -300,7 +300,8 @@ def base_against_joint(results: dict) -> str:
         step0 = [r["steps"][0]["metrics"] for r in incremental]
         base = range(1, len(step0[0]["per_class"]))  # step 0's model outputs: background and the base classes
         ours = statistics.mean(m["new"] for m in step0)
-        theirs = statistics.mean(statistics.mean(r["steps"][-1]["metrics"]["per_class"][i] for i in base) for r in joint)
+        joint_base = [[r["steps"][-1]["metrics"]["per_class"][i] for i in base] for r in joint]
+        theirs = statistics.mean(statistics.mean(v for v in ious if v is not None) for ious in joint_base)
         lines.append(f"- {protocol}: step-0 model on the {len(base)} base classes = {100 * ours:.1f}, joint training on "
                      f"them = {100 * theirs:.1f} ({ours / theirs:.2f} of joint; goal >= 0.90)")
     return "\n".join(lines)

@@ -320,8 +320,8 @@ def local_pod_embedding(
     if any(s < 1 or s > min(height, width) for s in scales):
         raise ValueError(f"scales {list(scales)} must lie in [1, {min(height, width)}] for a {height}x{width} map")
     scales = tuple(scales)
-    # Every window of every scale from two matrix products: a mean per window (and its backward)
-    # costs more than the rest of the training step on CPU.
+    # Every window of every scale from two matrix products: a mean per window, and its backward,
+    # took about a third of a PLOP training step of the small model on CPU.
     by_width = features @ _window_means(width, scales).to(features).T  # (N, C, H, sum(scales))
     by_height = _window_means(height, scales).to(features) @ features  # (N, C, sum(scales), W)
     index, profile = _pod_layout(channels, height, width, scales)

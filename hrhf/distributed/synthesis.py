@@ -75,7 +75,7 @@ class SynthesisActor:
         """The inverter of the teacher ``model_id``, built from its spec on first use."""
         if self.model_id != model_id:
             # The spec travels with each call, not the constructor: Ray pins a restartable actor's
-            # constructor arguments, and would otherwise warn about them on every job.
+            # constructor arguments in the object store and logs an error about them on every job.
             (spec,) = ray.get(teacher)
             try:
                 model = spec.build()
