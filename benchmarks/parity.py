@@ -71,31 +71,42 @@ def run_label(name: str) -> str:
             "in_process_again": "in process, the same run again"}[name]
 
 
-def thread_sweep(args: argparse.Namespace, counts: list[int]) -> int:
+def timed_run(cfg: Config, threads: int | None = None) -> dict:
+    """The in-process pipeline, with ``threads`` torch threads if given: {"report", "seconds"}."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    begin = time.perf_counter()
+    try:
+        return {"report": run(cfg, log=_quiet), "seconds": time.perf_counter() - begin}
+    finally:
+        torch.set_num_threads(before)
+
+
+def print_step_table(argv: list[str] | None, start: float, first_column: str, results: dict[str, dict]) -> None:
+    """The command line and its seconds, then a row per run: all-class mIoU after every step, the run's seconds."""
+    command = "python benchmarks/parity.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"Command: `{command.strip()}` ({time.perf_counter() - start:.0f} s)\n")
+    steps = len(next(iter(results.values()))["report"]["steps"])
+    print(f"| {first_column} | " + " | ".join(f"all after step {s}" for s in range(steps)) + " | seconds |")
+    print("|---|" + "---|" * (steps + 1))
+    for label, r in results.items():
+        per_step = " | ".join(f"{100 * s['metrics']['all']:.2f}" for s in r["report"]["steps"])
+        print(f"| {label} | {per_step} | {r['seconds']:.0f} |")
+
+
+def thread_sweep(args: argparse.Namespace, counts: list[int], argv: list[str] | None) -> int:
     """The in-process run at each torch thread count: the same batches, only the order of float sums differs."""
     cfg = parity_config(args.preset, list(args.overrides), args.method)
-    threads = torch.get_num_threads()
     start = time.perf_counter()
-    rows = {}
-    try:
-        for count in counts:
-            torch.set_num_threads(count)
-            begin = time.perf_counter()
-            report = run(cfg, log=_quiet)
-            rows[count] = ([100 * s["metrics"]["all"] for s in report["steps"]], time.perf_counter() - begin)
-    finally:
-        torch.set_num_threads(threads)
-    print(f"Command: `python benchmarks/parity.py {' '.join(sys.argv[1:])}` ({time.perf_counter() - start:.0f} s)\n")
-    steps = len(next(iter(rows.values()))[0])
-    print("| torch threads | " + " | ".join(f"all after step {s}" for s in range(steps)) + " | seconds |")
-    print("|---|" + "---|" * (steps + 1))
-    for count, (per_step, seconds) in rows.items():
-        print(f"| {count} | " + " | ".join(f"{v:.2f}" for v in per_step) + f" | {seconds:.0f} |")
-    last = [per_step[-1] for per_step, _ in rows.values()]
+    rows = {str(count): timed_run(cfg, count) for count in counts}
+    print_step_table(argv, start, "torch threads", rows)
+    last = [last_all(r["report"]) for r in rows.values()]
     print(f"\nrange of the last step's all-class mIoU over thread counts: {max(last) - min(last):.2f} points")
     if args.json:
+        per_step = {count: [100 * s["metrics"]["all"] for s in r["report"]["steps"]] for count, r in rows.items()}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({str(c): per_step for c, (per_step, _) in rows.items()}, indent=2))
+        Path(args.json).write_text(json.dumps(per_step, indent=2))
     return 0
 
 
@@ -117,27 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.threads:
-        return thread_sweep(args, [int(n) for n in args.threads.split(",")])
+        return thread_sweep(args, [int(n) for n in args.threads.split(",")], argv)
     overrides = list(args.overrides)
     cfg = parity_config(args.preset, overrides, args.method)
     results: dict[str, dict] = {}
-    start = begin = time.perf_counter()
+    start = time.perf_counter()
     local = parity_config(args.preset, [*overrides, *(["device=cuda"] if args.gpu else [])], args.method)
-    results["in_process"] = {"report": run(local, log=_quiet), "seconds": time.perf_counter() - begin}
+    results["in_process"] = timed_run(local)
     if args.noise_floor and args.gpu:
         # the same run again: CUDA's kernels (atomic adds in convolution backward) do not fix the summation order
-        begin = time.perf_counter()
-        results["in_process_again"] = {"report": run(local, log=_quiet), "seconds": time.perf_counter() - begin}
+        results["in_process_again"] = timed_run(local)
     elif args.noise_floor:
         # the same process and batches with torch's other thread count: only float summation order changes
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1 if threads > 1 else 2)
-        begin = time.perf_counter()
-        try:
-            results["in_process_other_threads"] = {"report": run(local, log=_quiet),
-                                                   "seconds": time.perf_counter() - begin}
-        finally:
-            torch.set_num_threads(threads)
+        results["in_process_other_threads"] = timed_run(local, 1 if torch.get_num_threads() > 1 else 2)
 
     import ray
 
@@ -166,14 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     noise_runs = ("in_process_other_threads", "in_process_again")
     compared = [v for name, v in figures.items() if name not in noise_runs]
     spread = max(compared) - min(compared)
-    command = "python benchmarks/parity.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"Command: `{command.strip()}` ({time.perf_counter() - start:.0f} s)\n")
-    steps = len(results["in_process"]["report"]["steps"])
-    print("| run | " + " | ".join(f"all after step {s}" for s in range(steps)) + " | seconds |")
-    print("|---|" + "---|" * (steps + 1))
-    for name, r in results.items():
-        per_step = " | ".join(f"{100 * s['metrics']['all']:.2f}" for s in r["report"]["steps"])
-        print(f"| {run_label(name)} | {per_step} | {r['seconds']:.0f} |")
+    print_step_table(argv, start, "run", {run_label(name): r for name, r in results.items()})
     print(f"\nspread of the last step's all-class mIoU ({', '.join(n for n in figures if n not in noise_runs)}): {spread:.2f} points "
           "(target <= 1)")
     if "in_process_other_threads" in figures:

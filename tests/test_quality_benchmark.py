@@ -63,12 +63,26 @@ def test_step0_cache_is_shared_by_protocols_and_methods_but_not_by_other_data():
     assert base("ft", "6-2-2") != base("ft", "6-2-2", ["model.width=4"])
 
 
-def test_runs_dir_gives_every_run_a_folder_of_its_own(monkeypatch, tmp_path):
-    import argparse
+def _fake_result(job):
+    """What run_jobs gives back for a job: its last step's per-class IoU 0.0, 0.1, 0.2, ... by model index."""
+    kind, cfg, _ = job
+    per_class = [i / 10 for i in range(len(quality.task_of(cfg).order) + 1)]
+    return kind, cfg, {"config": {"seed": cfg.seed}, "steps": [{"step": -1, "metrics": {"per_class": per_class}}]}
 
+
+@pytest.fixture
+def recorded_jobs(monkeypatch) -> list:
+    """The jobs quality.quality() hands to run_jobs, which gives back _fake_result for each; no step-0 job."""
     jobs = []
     monkeypatch.setattr(quality, "missing_bases", lambda args: [])
     monkeypatch.setattr(quality, "run_jobs", lambda todo, workers: jobs.extend(todo) or [_fake_result(j) for j in todo])
+    return jobs
+
+
+def test_runs_dir_gives_every_run_a_folder_of_its_own(recorded_jobs, tmp_path):
+    import argparse
+
+    jobs = recorded_jobs
     args = argparse.Namespace(overrides=[], class_order=None, preset="smoke", cache_dir=str(tmp_path / "cache"),
                               methods="hrhf,joint", seeds=[0, 1], protocols=["6-2-2"], jobs=1,
                               runs_dir=str(tmp_path / "runs"))
@@ -82,19 +96,10 @@ def test_runs_dir_gives_every_run_a_folder_of_its_own(monkeypatch, tmp_path):
     assert not any("run_dir" in options for _, _, options in jobs)
 
 
-def _fake_result(job):
-    """What run_jobs gives back for a job: its last step's per-class IoU 0.0, 0.1, 0.2, ... by model index."""
-    kind, cfg, _ = job
-    per_class = [i / 10 for i in range(len(quality.task_of(cfg).order) + 1)]
-    return kind, cfg, {"config": {"seed": cfg.seed}, "steps": [{"step": -1, "metrics": {"per_class": per_class}}]}
-
-
-def test_one_joint_run_per_seed_serves_every_protocol_ending_on_its_classes(monkeypatch, tmp_path):
+def test_one_joint_run_per_seed_serves_every_protocol_ending_on_its_classes(recorded_jobs, tmp_path):
     import argparse
 
-    jobs = []
-    monkeypatch.setattr(quality, "missing_bases", lambda args: [])
-    monkeypatch.setattr(quality, "run_jobs", lambda todo, workers: jobs.extend(todo) or [_fake_result(j) for j in todo])
+    jobs = recorded_jobs
     args = argparse.Namespace(overrides=[], class_order=None, preset="smoke", cache_dir=str(tmp_path), runs_dir=None,
                               methods="ft,joint", seeds=[0, 1], protocols=["5-1", "6-2-2", "6-1"], jobs=1)
     results = quality.quality(args)
