@@ -11,7 +11,16 @@ from torchvision import tv_tensors
 
 from hrhf.config import load_config
 from hrhf.data import ADE20K, ShapesDataset, StepDataset, VOCSegmentation, build_step_datasets, make_source
-from hrhf.data.transforms import MEAN, STD, denormalize, eval_transform, normalize, pixel_bounds, train_transform
+from hrhf.data.transforms import (
+    MEAN,
+    STD,
+    denormalize,
+    eval_transform,
+    normalize,
+    pixel_bounds,
+    reference_train_transform,
+    train_transform,
+)
 from hrhf.pipeline import sources_of
 from hrhf.tasks import label_lut, make_task
 
@@ -401,6 +410,26 @@ def test_train_transform_pads_mask_with_ignore():
     low, _ = pixel_bounds()
     padded = out_mask == 255
     assert torch.allclose(out_img[:, padded], low[0, :, :, 0].expand(3, int(padded.sum())))
+
+
+def test_train_transform_matches_its_torchvision_composition():
+    """TrainTransform calls v2's kernels directly: the same draws must give the same tensors as the v2.Compose."""
+    sizes = torch.Generator().manual_seed(0)
+    for scale in [(0.5, 2.0), (1.0, 1.0), (0.2, 0.4)]:
+        fast, reference = train_transform(48, scale), reference_train_transform(48, scale)
+        for trial in range(60):
+            height, width = (int(v) for v in torch.randint(16, 120, (2,), generator=sizes))
+            img = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=sizes)
+            mask = torch.randint(0, 12, (height, width), dtype=torch.uint8, generator=sizes)
+            torch.manual_seed(trial)
+            want_img, want_mask = reference(tv_tensors.Image(img), tv_tensors.Mask(mask))
+            next_draw_reference = torch.rand(1)
+            torch.manual_seed(trial)
+            got_img, got_mask = fast(tv_tensors.Image(img), tv_tensors.Mask(mask))
+            assert torch.equal(torch.rand(1), next_draw_reference), "both must take the same number of draws"
+            assert type(got_img) is torch.Tensor and type(got_mask) is torch.Tensor
+            assert torch.equal(got_img, want_img.as_subclass(torch.Tensor)), (scale, height, width)
+            assert torch.equal(got_mask, want_mask.as_subclass(torch.Tensor)), (scale, height, width)
 
 
 def test_eval_transform_resizes_to_square():
