@@ -194,7 +194,7 @@ def project_flops(teacher_outputs: int, new_classes: int, size: int, cfg: Config
         plan = plan_step(cfg, int(incremental), teacher_outputs - 1 if incremental else 0, incremental)
         optimizer = make_optimizer(student, plan.lr, plan.weight_decay, plan.head_lr_mult)
         real = image if fake is not None else torch.cat([image, image])
-        batch = [(real, labels.expand(len(real), -1, -1), fake)]
+        batch = [(real, labels.expand(len(real), -1, -1), fake, None)]
         train_steps(student, step_teacher, batch, optimizer, lambda _: plan.lr, 0, plan)
 
     # Batches of two images: train-mode BatchNorm after DeepLabV3's image pooling needs more than one.

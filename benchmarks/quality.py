@@ -51,7 +51,9 @@ def _quiet(_msg: str) -> None:
 
 def make_config(args: argparse.Namespace, method: str, protocol: str, seed: int, extra: list[str] = ()) -> Config:
     """The benchmark's config of one (method, protocol, seed) run."""
-    overrides = [f"data.protocol={protocol}", f"seed={seed}", *args.overrides, *extra]
+    # Step splits are cached beside the step-0 models: every run of a seed reads the same ones.
+    splits = f"data.cache_dir={Path(args.cache_dir) / 'splits'}"
+    overrides = [splits, f"data.protocol={protocol}", f"seed={seed}", *args.overrides, *extra]
     if args.class_order is not None:
         overrides.append(f"data.order_seed={args.class_order}")
     return load_config(args.preset, method=method, overrides=overrides)
@@ -418,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel processes")
-    parser.add_argument("--cache-dir", default="runs/quality-cache", help="where step-0 models are kept")
+    parser.add_argument("--cache-dir", default="runs/quality-cache", help="where step-0 models and step splits are kept")
     parser.add_argument("--json", default=None, help="write the last step's means (fractions in [0, 1]) here")
     parser.add_argument("--runs-dir", default=None,
                         help="keep each run's directory (checkpoints, galleries, report) here as METHOD-PROTOCOL-sSEED")

@@ -34,7 +34,10 @@ from hrhf.models import classifier_layers
 from hrhf.pixels import normalize
 from hrhf.schedule import warmup_cosine
 
-Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+# real images, their labels, the synthetic half, and the old model's logits on that half (None: computed in the step)
+Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
+# Largest set of the old model's logits on the synthetic images (both orientations) that fit() keeps in memory
+FAKE_LOGITS_BUDGET = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -168,20 +171,25 @@ def collate_items(items: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[t
 
 
 class FakeSource(Protocol):
-    """Where a worker's synthetic images come from: uint8 images at cyclic positions of the synthetic set."""
+    """The step's synthetic images, read by position (modulo the set's size)."""
 
     def __len__(self) -> int: ...
 
     def take(self, positions: Sequence[int]) -> torch.Tensor:
-        """uint8 (n, 3, H, W) images at ``positions`` (taken modulo the set's size, never decreasing)."""
+        """uint8 images (len(positions), 3, H, W)."""
+        ...
+
+    def teacher_logits(self, positions: Sequence[int]) -> torch.Tensor | None:
+        """The old model's logits (len(positions), 2, C, H, W) on these images as they are and flipped, or None."""
         ...
 
 
 class InMemoryFake:
-    """A FakeSource over a synthetic set held in memory (the in-process path)."""
+    """A FakeSource over a synthetic set held in memory (the in-process path), with the old model's logits if given."""
 
-    def __init__(self, images: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, logits: torch.Tensor | None = None) -> None:
         self.images = images
+        self.logits = logits
 
     def __len__(self) -> int:
         return len(self.images)
@@ -190,16 +198,49 @@ class InMemoryFake:
         """Images at ``positions`` modulo the set's size."""
         return self.images[torch.tensor(positions, dtype=torch.long) % len(self.images)]
 
+    def teacher_logits(self, positions: Sequence[int]) -> torch.Tensor | None:
+        """Cached logits at ``positions`` modulo the set's size, or None."""
+        if self.logits is None:
+            return None
+        return self.logits[torch.tensor(positions, dtype=torch.long) % len(self.images)]
 
-def fake_share(source: FakeSource, plan: StepPlan, global_batch: int, rank: int, world: int) -> torch.Tensor:
-    """This worker's part of the synthetic half of global batch ``global_batch``: normalised, some flipped."""
+
+def logits_bytes(images: torch.Tensor, n_old: int) -> int:
+    """Bytes of float32 logits of ``n_old + 1`` classes on every image of ``images``, in both orientations."""
+    count, _, height, width = images.shape
+    return 2 * count * (n_old + 1) * height * width * 4
+
+
+@torch.no_grad()
+def flip_logits(teacher: nn.Module, images: torch.Tensor, batch_size: int, device: str = "cpu") -> torch.Tensor:
+    """The frozen old model's logits (N, 2, C, H, W) on uint8 ``images`` as they are and flipped, on the CPU.
+
+    Synthetic images stay fixed through a step and only flips vary, so one pass per orientation
+    replaces the old model's pass over the synthetic half of every batch.
+    """
+    parts = []
+    for start in range(0, len(images), batch_size):
+        batch = normalize(images[start : start + batch_size].to(device))
+        parts.append(torch.stack([teacher(batch), teacher(batch.flip(-1))], dim=1).float().cpu())
+    return torch.cat(parts)
+
+
+def fake_share(
+    source: FakeSource, plan: StepPlan, global_batch: int, rank: int, world: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This worker's part of the synthetic half of global batch ``global_batch``: normalised, some flipped;
+    and the old model's logits on it when the source holds them."""
     count = plan.fake_per_batch
     part = share(count, rank, world)
     flips = torch.rand(count, generator=torch.Generator().manual_seed(plan.seed * 1_000_003 + global_batch))[part] < 0.5
     start = global_batch * count
-    images = normalize(source.take(range(start + part.start, start + part.stop)))
+    positions = range(start + part.start, start + part.stop)
+    images = normalize(source.take(positions))
     images[flips] = images[flips].flip(-1)
-    return images
+    logits = source.teacher_logits(positions)
+    if logits is not None:
+        logits = logits[torch.arange(len(logits)), flips.long()]
+    return images, logits
 
 
 def mixed_batches(
@@ -211,16 +252,16 @@ def mixed_batches(
     rank: int = 0,
     world: int = 1,
 ) -> Iterator[Batch]:
-    """Yield (real images, real labels, synthetic images or None): this worker's share of each half-real half-fake batch.
+    """Yield Batches: this worker's share of each half-real half-fake batch.
 
     ``iters`` is the number of global batches per epoch, which numbers the global batches of the step.
     """
     first = epoch * iters
     for b, (images, labels) in enumerate(real):
-        fake_images = None
+        fake_images = fake_logits = None
         if fake is not None and len(fake) and plan.fake_per_batch:
-            fake_images = fake_share(fake, plan, first + b, rank, world)
-        yield images, labels, fake_images
+            fake_images, fake_logits = fake_share(fake, plan, first + b, rank, world)
+        yield images, labels, fake_images, fake_logits
 
 
 def global_pixel_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -251,6 +292,7 @@ def train_steps(
     weights), so that neither a shift in the step's data nor the synthetic half moves them.
     ``plan.clip_grad`` > 0 clips the gradient norm, which keeps rare loss spikes from wiping out a step.
     A non-finite loss or gradient raises NonFiniteError before the optimiser steps.
+    A batch that carries the old model's logits on its synthetic half spares the old model's pass over it.
     ``thresholds`` are PLOP's entropy thresholds of the step (ce == "plop"); with ``method.pod`` the
     student and the teacher are tapped at their default feature layers for Local POD.
     """
@@ -269,7 +311,7 @@ def train_steps(
     # Workers' shares of a batch can hold different numbers of labelled pixels: average over the whole batch.
     mean = global_pixel_mean if data_parallel() else None
     try:
-        for images, labels, fake_images in batches:
+        for images, labels, fake_images, fake_logits in batches:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(it) * group.get("lr_scale", 1.0)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -277,7 +319,12 @@ def train_steps(
             inputs = images if fake_images is None else torch.cat([images, fake_images.to(device)])
             outputs = student(inputs)
             teacher_out = None
-            if teacher is not None and (use_teacher_real or fake_images is not None):
+            if teacher is not None and fake_logits is not None:
+                fake_logits = fake_logits.to(device, non_blocking=True)
+                with torch.no_grad():
+                    real_out = teacher(images) if use_teacher_real else fake_logits.new_zeros(n_real, *fake_logits.shape[1:])
+                teacher_out = torch.cat([real_out, fake_logits])
+            elif teacher is not None and (use_teacher_real or fake_images is not None):
                 with torch.no_grad():
                     teacher_in = inputs if use_teacher_real else inputs[n_real:]
                     teacher_out = teacher(teacher_in)
@@ -442,7 +489,12 @@ def fit(
     student.to(device)
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
-    fake_source = InMemoryFake(fake.images) if fake is not None and len(fake) and plan.method.fake else None
+    fake_source = None
+    if fake is not None and len(fake) and plan.method.fake:
+        logits = None
+        if teacher is not None and logits_bytes(fake.images, plan.n_old) <= FAKE_LOGITS_BUDGET:
+            logits = flip_logits(teacher, fake.images, plan.batch_size, device)
+        fake_source = InMemoryFake(fake.images, logits)
     iters = iters_per_epoch(len(real), plan.batch_size)
     optimizer = make_optimizer(student, plan.lr, plan.weight_decay, plan.head_lr_mult)
 

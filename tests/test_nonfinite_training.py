@@ -33,7 +33,7 @@ def test_non_finite_gradient_stops_before_the_weights_change():
     first.register_hook(lambda grad: grad * float("nan"))
     optimizer = make_optimizer(model, 0.1, 0.0)
     with pytest.raises(NonFiniteError, match="iteration 5: non-finite gradient"):
-        train_steps(model, None, [(images, labels, None)], optimizer, warmup_cosine(0.1, 10, 30), 5,
+        train_steps(model, None, [(images, labels, None, None)], optimizer, warmup_cosine(0.1, 10, 30), 5,
                     plan_step(cfg, 0, n_old=0, incremental=False))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k and "num_batches" not in k)

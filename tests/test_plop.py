@@ -342,7 +342,7 @@ def test_train_steps_of_mib_sets_no_taps_and_gives_the_hand_built_loss(monkeypat
 
     monkeypatch.setattr(train_module, "FeatureTap", no_tap)
     optimizer = make_optimizer(student, plan.lr, plan.weight_decay, plan.head_lr_mult)
-    _, stats = train_steps(student, teacher, [(images, labels, None)], optimizer, lambda _: plan.lr, 0, plan)
+    _, stats = train_steps(student, teacher, [(images, labels, None, None)], optimizer, lambda _: plan.lr, 0, plan)
     assert set(stats) == {"ce_real", "kd_real", "loss", "grad_norm"}
     assert stats["loss"] == float(expected)
 

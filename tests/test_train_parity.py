@@ -16,6 +16,7 @@ from hrhf.data import make_source
 from hrhf.data.incremental import StepDataset
 from hrhf.inversion import SyntheticSet
 from hrhf.models import build_model, widen_classifier
+from hrhf.pixels import normalize
 from hrhf.tasks import IGNORE_INDEX, label_lut, make_task_from_steps
 from hrhf.train import (
     InMemoryFake,
@@ -23,6 +24,7 @@ from hrhf.train import (
     collate_items,
     epoch_batches,
     fake_share,
+    flip_logits,
     iters_per_epoch,
     make_optimizer,
     mixed_batches,
@@ -66,8 +68,10 @@ def _setup(ignored_bands: bool = False):
     return real, fake, teacher, student, plan
 
 
-def _train(rank: int, world: int, ignored_bands: bool = False) -> torch.nn.Module:
+def _train(rank: int, world: int, ignored_bands: bool = False, cached_logits: bool = False) -> torch.nn.Module:
     real, fake, teacher, student, plan = _setup(ignored_bands)
+    teacher.eval().requires_grad_(False)
+    source = InMemoryFake(fake.images, flip_logits(teacher, fake.images, 4) if cached_logits else None)
     iters = iters_per_epoch(len(real), plan.batch_size)
     items = SeededItems(real, plan.seed)
     net = synchronise_batchnorm(student, torch.device("cpu")) if world > 1 else student
@@ -77,9 +81,9 @@ def _train(rank: int, world: int, ignored_bands: bool = False) -> torch.nn.Modul
     def batches_of_epoch(epoch):
         real_batches = (collate_items([items[(epoch, i)] for i in batch[share(len(batch), rank, world)]])
                         for batch in epoch_batches(len(real), plan.batch_size, plan.seed, epoch))
-        return mixed_batches(real_batches, InMemoryFake(fake.images), plan, epoch, iters, rank, world)
+        return mixed_batches(real_batches, source, plan, epoch, iters, rank, world)
 
-    run_epochs(model, teacher.eval().requires_grad_(False), plan, batches_of_epoch, iters, optimizer)
+    run_epochs(model, teacher, plan, batches_of_epoch, iters, optimizer)
     return net
 
 
@@ -105,10 +109,36 @@ def test_shares_of_a_global_batch_do_not_depend_on_the_worker_count():
         first, again = items[(epoch, batches[0][0])], items[(epoch, batches[0][0])]
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert epoch_batches(len(real), plan.batch_size, plan.seed, 0) != epoch_batches(len(real), plan.batch_size, plan.seed, 1)
-    source = InMemoryFake(fake.images)
-    whole = fake_share(source, plan, 7, 0, 1)
-    assert torch.equal(torch.cat([fake_share(source, plan, 7, r, 2) for r in range(2)]), whole)
-    assert len(whole) == plan.fake_per_batch
+    for source in (InMemoryFake(fake.images), InMemoryFake(fake.images, torch.randn(10, 2, 4, 32, 32))):
+        whole, whole_logits = fake_share(source, plan, 7, 0, 1)
+        halves = [fake_share(source, plan, 7, r, 2) for r in range(2)]
+        assert torch.equal(torch.cat([images for images, _ in halves]), whole)
+        assert len(whole) == plan.fake_per_batch
+        if source.logits is None:
+            assert whole_logits is None and all(logits is None for _, logits in halves)
+        else:
+            assert torch.equal(torch.cat([logits for _, logits in halves]), whole_logits)
+
+
+def test_cached_logits_are_the_old_models_on_each_synthetic_image_as_flipped():
+    _, fake, teacher, _, plan = _setup()
+    teacher.eval().requires_grad_(False)
+    source = InMemoryFake(fake.images, flip_logits(teacher, fake.images, 4))
+    flipped_somewhere = False
+    for global_batch in range(3):
+        images, logits = fake_share(source, plan, global_batch, 0, 1)
+        first = global_batch * plan.fake_per_batch
+        flipped_somewhere |= not torch.equal(images, normalize(source.take(range(first, first + len(images)))))
+        with torch.no_grad():
+            assert torch.allclose(logits, teacher(images), atol=1e-5)
+    assert flipped_somewhere
+
+
+def test_cached_old_model_logits_train_the_weights_of_live_ones():
+    torch.set_num_threads(1)
+    live, cached = _train(0, 1).state_dict(), _train(0, 1, cached_logits=True).state_dict()
+    for name, value in live.items():
+        assert torch.allclose(cached[name].float(), value.float(), atol=1e-5), name
 
 
 @pytest.mark.parametrize("ignored_bands", [False, True], ids=["every pixel labelled", "ignored pixels differ per worker"])

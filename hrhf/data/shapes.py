@@ -233,6 +233,7 @@ class ShapesDataset(SegmentationSource):
         self.image_size = image_size
         self.seed = seed
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._present: list[frozenset[int]] | None = None
 
     def __len__(self) -> int:
         return self.size
@@ -292,6 +293,12 @@ class ShapesDataset(SegmentationSource):
         if i in self._cache:
             return torch.from_numpy(self._cache[i][1].copy())
         return torch.from_numpy(self.render(i)[1])
+
+    def all_labels_present(self) -> list[frozenset[int]]:
+        """labels_present for every item, in index order; scanned once (every step's split reads it)."""
+        if self._present is None:
+            self._present = super().all_labels_present()
+        return list(self._present)
 
     def __getstate__(self) -> dict:
         # The rendered images stay where they were drawn: a copy sent to a worker draws its own.

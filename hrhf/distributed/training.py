@@ -225,6 +225,10 @@ class StreamedFake:
             images.append(decode_png(self.image).transpose(2, 0, 1))
         return torch.from_numpy(np.ascontiguousarray(np.stack(images)))
 
+    def teacher_logits(self, positions: Sequence[int]) -> None:
+        """None: a worker sees the set only as a stream, so the old model runs on every synthetic batch."""
+        return None
+
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: DDP student, local frozen teacher, hrhf.train's epochs, checkpoints."""
