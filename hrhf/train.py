@@ -171,12 +171,12 @@ def collate_items(items: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[t
 
 
 class FakeSource(Protocol):
-    """The step's synthetic images, read by position (modulo the set's size)."""
+    """Where a worker's synthetic images come from: uint8 images at cyclic positions of the synthetic set."""
 
     def __len__(self) -> int: ...
 
     def take(self, positions: Sequence[int]) -> torch.Tensor:
-        """uint8 images (len(positions), 3, H, W)."""
+        """uint8 (n, 3, H, W) images at ``positions`` (taken modulo the set's size, never decreasing)."""
         ...
 
     def teacher_logits(self, positions: Sequence[int]) -> torch.Tensor | None:
@@ -212,7 +212,9 @@ def logits_bytes(images: torch.Tensor, n_old: int) -> int:
 
 
 @torch.no_grad()
-def flip_logits(teacher: nn.Module, images: torch.Tensor, batch_size: int, device: str = "cpu") -> torch.Tensor:
+def logits_both_orientations(
+    teacher: nn.Module, images: torch.Tensor, batch_size: int, device: str = "cpu"
+) -> torch.Tensor:
     """The frozen old model's logits (N, 2, C, H, W) on uint8 ``images`` as they are and flipped, on the CPU.
 
     Synthetic images stay fixed through a step and only flips vary, so one pass per orientation
@@ -321,8 +323,10 @@ def train_steps(
             teacher_out = None
             if teacher is not None and fake_logits is not None:
                 fake_logits = fake_logits.to(device, non_blocking=True)
-                with torch.no_grad():
-                    real_out = teacher(images) if use_teacher_real else fake_logits.new_zeros(n_real, *fake_logits.shape[1:])
+                real_out = fake_logits.new_zeros(n_real, *fake_logits.shape[1:])
+                if use_teacher_real:
+                    with torch.no_grad():
+                        real_out = teacher(images)
                 teacher_out = torch.cat([real_out, fake_logits])
             elif teacher is not None and (use_teacher_real or fake_images is not None):
                 with torch.no_grad():
@@ -493,7 +497,7 @@ def fit(
     if fake is not None and len(fake) and plan.method.fake:
         logits = None
         if teacher is not None and logits_bytes(fake.images, plan.n_old) <= FAKE_LOGITS_BUDGET:
-            logits = flip_logits(teacher, fake.images, plan.batch_size, device)
+            logits = logits_both_orientations(teacher, fake.images, plan.batch_size, device)
         fake_source = InMemoryFake(fake.images, logits)
     iters = iters_per_epoch(len(real), plan.batch_size)
     optimizer = make_optimizer(student, plan.lr, plan.weight_decay, plan.head_lr_mult)

@@ -24,7 +24,7 @@ from hrhf.train import (
     collate_items,
     epoch_batches,
     fake_share,
-    flip_logits,
+    logits_both_orientations,
     iters_per_epoch,
     make_optimizer,
     mixed_batches,
@@ -71,7 +71,7 @@ def _setup(ignored_bands: bool = False):
 def _train(rank: int, world: int, ignored_bands: bool = False, cached_logits: bool = False) -> torch.nn.Module:
     real, fake, teacher, student, plan = _setup(ignored_bands)
     teacher.eval().requires_grad_(False)
-    source = InMemoryFake(fake.images, flip_logits(teacher, fake.images, 4) if cached_logits else None)
+    source = InMemoryFake(fake.images, logits_both_orientations(teacher, fake.images, 4) if cached_logits else None)
     iters = iters_per_epoch(len(real), plan.batch_size)
     items = SeededItems(real, plan.seed)
     net = synchronise_batchnorm(student, torch.device("cpu")) if world > 1 else student
@@ -123,7 +123,7 @@ def test_shares_of_a_global_batch_do_not_depend_on_the_worker_count():
 def test_cached_logits_are_the_old_models_on_each_synthetic_image_as_flipped():
     _, fake, teacher, _, plan = _setup()
     teacher.eval().requires_grad_(False)
-    source = InMemoryFake(fake.images, flip_logits(teacher, fake.images, 4))
+    source = InMemoryFake(fake.images, logits_both_orientations(teacher, fake.images, 4))
     flipped_somewhere = False
     for global_batch in range(3):
         images, logits = fake_share(source, plan, global_batch, 0, 1)
