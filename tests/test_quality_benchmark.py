@@ -63,6 +63,17 @@ def test_step0_cache_is_shared_by_protocols_and_methods_but_not_by_other_data():
     assert base("ft", "6-2-2") != base("ft", "6-2-2", ["model.width=4"])
 
 
+def test_runs_share_the_step_split_cache_beside_the_step0_models_unless_told_otherwise():
+    import argparse
+
+    args = argparse.Namespace(overrides=[], class_order=None, preset="smoke", cache_dir="cache")
+    configs = [quality.make_config(args, method, protocol, seed) for method, protocol, seed in
+               [("ft", "6-2-2", 0), ("hrhf", "5-1", 1), ("joint", "6-1", 2)]]
+    assert {cfg.data.cache_dir for cfg in configs} == {str(Path("cache") / "splits")}
+    args.overrides = ["data.cache_dir=elsewhere"]
+    assert quality.make_config(args, "mib", "6-1", 0).data.cache_dir == "elsewhere"
+
+
 def _fake_result(job):
     """What run_jobs gives back for a job: its last step's per-class IoU 0.0, 0.1, 0.2, ... by model index."""
     kind, cfg, _ = job
