@@ -71,6 +71,15 @@ def test_shapes_deterministic_and_seeded():
     assert np.array_equal(a[2][0].permute(1, 2, 0).numpy(), a.render(2)[0])
 
 
+def test_shapes_scans_its_labels_once_and_hands_out_copies(monkeypatch):
+    ds = ShapesDataset(seed=0, size=6)
+    first = ds.all_labels_present()
+    first.clear()
+    monkeypatch.setattr(ds, "render", lambda i: pytest.fail("labels were scanned again"))
+    again = ds.all_labels_present()
+    assert again == [ShapesDataset(seed=0, size=6).labels_present(i) for i in range(6)]
+
+
 def test_shapes_class_statistics(shapes200):
     ds, samples = shapes200
     present = [frozenset(np.unique(m).tolist()) - {0} for _, m in samples]
