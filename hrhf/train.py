@@ -496,7 +496,7 @@ def fit(
     fake_source = None
     if fake is not None and len(fake) and plan.method.fake:
         logits = None
-        if teacher is not None and logits_bytes(fake.images, plan.n_old) <= FAKE_LOGITS_BUDGET:
+        if teacher is not None and plan.fake_per_batch and logits_bytes(fake.images, plan.n_old) <= FAKE_LOGITS_BUDGET:
             logits = logits_both_orientations(teacher, fake.images, plan.batch_size, device)
         fake_source = InMemoryFake(fake.images, logits)
     iters = iters_per_epoch(len(real), plan.batch_size)
