@@ -25,6 +25,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         """Normalise with global batch statistics in training, with the running ones in evaluation."""
         if not (self.training and data_parallel()):
             return super().forward(x)
+        dtype = x.dtype
+        x = x.float()  # statistics in float32 under bfloat16 autocast too
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         local = torch.cat([x.sum(dim=(0, 2, 3)), x.pow(2).sum(dim=(0, 2, 3)), count])
         total = dist_fn.all_reduce(local)  # differentiable: gradients flow back to every process's inputs
@@ -41,7 +43,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
+        return out.to(dtype)
 
 
 def synchronise_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:

@@ -55,6 +55,7 @@ class StepPlan:
     freeze_bn: bool = False  # keep BatchNorm layers on their running statistics
     clip_grad: float = 0.0  # > 0: clip the gradient norm
     head_lr_mult: float = 1.0  # learning-rate multiplier of the classifier
+    bf16: bool = False  # bfloat16 autocast of the network passes
 
     @property
     def fake_per_batch(self) -> int:
@@ -108,6 +109,7 @@ def plan_step(cfg: Config, step: int, n_old: int, incremental: bool, num_real: i
         freeze_bn=train.freeze_bn and incremental,
         clip_grad=train.clip_grad if incremental else 0.0,
         head_lr_mult=train.head_lr_mult if incremental else 1.0,
+        bf16=train.bf16,
     )
 
 
@@ -205,6 +207,12 @@ class InMemoryFake:
         return self.logits[torch.tensor(positions, dtype=torch.long) % len(self.images)]
 
 
+def forward(model: nn.Module, images: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """``model(images)`` as float32 logits, computed under bfloat16 autocast when ``bf16``."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model(images).float()
+
+
 def logits_bytes(images: torch.Tensor, n_old: int) -> int:
     """Bytes of float32 logits of ``n_old + 1`` classes on every image of ``images``, in both orientations."""
     count, _, height, width = images.shape
@@ -213,7 +221,7 @@ def logits_bytes(images: torch.Tensor, n_old: int) -> int:
 
 @torch.no_grad()
 def logits_both_orientations(
-    teacher: nn.Module, images: torch.Tensor, batch_size: int, device: str = "cpu"
+    teacher: nn.Module, images: torch.Tensor, batch_size: int, device: str = "cpu", bf16: bool = False
 ) -> torch.Tensor:
     """The frozen old model's logits (N, 2, C, H, W) on uint8 ``images`` as they are and flipped, on the CPU.
 
@@ -223,7 +231,7 @@ def logits_both_orientations(
     parts = []
     for start in range(0, len(images), batch_size):
         batch = normalize(images[start : start + batch_size].to(device))
-        parts.append(torch.stack([teacher(batch), teacher(batch.flip(-1))], dim=1).float().cpu())
+        parts.append(torch.stack([forward(teacher, batch, bf16), forward(teacher, batch.flip(-1), bf16)], dim=1).cpu())
     return torch.cat(parts)
 
 
@@ -319,24 +327,24 @@ def train_steps(
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             n_real = len(images)
             inputs = images if fake_images is None else torch.cat([images, fake_images.to(device)])
-            outputs = student(inputs)
+            outputs = forward(student, inputs, plan.bf16)
             teacher_out = None
             if teacher is not None and fake_logits is not None:
                 fake_logits = fake_logits.to(device, non_blocking=True)
                 real_out = fake_logits.new_zeros(n_real, *fake_logits.shape[1:])
                 if use_teacher_real:
                     with torch.no_grad():
-                        real_out = teacher(images)
+                        real_out = forward(teacher, images, plan.bf16)
                 teacher_out = torch.cat([real_out, fake_logits])
             elif teacher is not None and (use_teacher_real or fake_images is not None):
                 with torch.no_grad():
                     teacher_in = inputs if use_teacher_real else inputs[n_real:]
-                    teacher_out = teacher(teacher_in)
+                    teacher_out = forward(teacher, teacher_in, plan.bf16)
                     if not use_teacher_real:
                         teacher_out = torch.cat([teacher_out.new_zeros(n_real, *teacher_out.shape[1:]), teacher_out])
             plop = None
             if thresholds is not None or taps:
-                student_maps, teacher_maps = [[f[:n_real] for f in tap.features] for tap in taps] if taps else [(), ()]
+                student_maps, teacher_maps = [[f[:n_real].float() for f in tap.features] for tap in taps] if taps else [(), ()]
                 plop = PlopInputs(thresholds=thresholds, student_features=student_maps, teacher_features=teacher_maps)
             loss, parts = step_loss(
                 method,
@@ -428,7 +436,7 @@ def run_epochs(
         if teacher is None:
             raise ValueError(f"method {plan.method.name!r} needs the old model on step {plan.step}")
         source = threshold_batches() if threshold_batches is not None else batches_of_epoch(0)
-        thresholds = plop_thresholds(teacher, source, plan.n_old, plan.method.plop_quantile, device)
+        thresholds = plop_thresholds(teacher, source, plan.n_old, plan.method.plop_quantile, device, plan.bf16)
     for epoch in range(start_epoch, plan.epochs):
         try:
             it, stats = train_steps(student, teacher, batches_of_epoch(epoch), optimizer, lr_at, it, plan, device,
@@ -445,7 +453,12 @@ def run_epochs(
 
 @torch.no_grad()
 def plop_thresholds(
-    teacher: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]], n_old: int, quantile: float, device: str = "cpu"
+    teacher: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, ...]],
+    n_old: int,
+    quantile: float,
+    device: str = "cpu",
+    bf16: bool = False,
 ) -> torch.Tensor:
     """PLOP's per-class entropy thresholds (n_old + 1,) from the teacher over (images, labels, ...) batches.
 
@@ -455,7 +468,7 @@ def plop_thresholds(
 
     def logits_and_labels() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels, *_ in batches:
-            yield teacher(images.to(device)), labels.to(device)
+            yield forward(teacher, images.to(device), bf16), labels.to(device)
 
     histogram = entropy_histogram(logits_and_labels(), n_old).to(device)
     if dist.is_available() and dist.is_initialized():
@@ -497,7 +510,7 @@ def fit(
     if fake is not None and len(fake) and plan.method.fake:
         logits = None
         if teacher is not None and plan.fake_per_batch and logits_bytes(fake.images, plan.n_old) <= FAKE_LOGITS_BUDGET:
-            logits = logits_both_orientations(teacher, fake.images, plan.batch_size, device)
+            logits = logits_both_orientations(teacher, fake.images, plan.batch_size, device, plan.bf16)
         fake_source = InMemoryFake(fake.images, logits)
     iters = iters_per_epoch(len(real), plan.batch_size)
     optimizer = make_optimizer(student, plan.lr, plan.weight_decay, plan.head_lr_mult)

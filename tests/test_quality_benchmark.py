@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import quality  # noqa: E402
+from hrhf.config import load_config  # noqa: E402
 
 
 def _report(seed: int, old: float) -> dict:
@@ -61,6 +62,7 @@ def test_step0_cache_is_shared_by_protocols_and_methods_but_not_by_other_data():
     assert base("ft", "6-2-2") != base("ft", "6-2-2", ["data.shapes_version=1"])
     assert base("ft", "6-2-2") != base("ft", "6-2-2", ["train.epochs_base=3"])
     assert base("ft", "6-2-2") != base("ft", "6-2-2", ["model.width=4"])
+    assert base("ft", "6-2-2") != base("ft", "6-2-2", ["train.bf16=false"])
 
 
 def test_runs_share_the_step_split_cache_beside_the_step0_models_unless_told_otherwise():
@@ -72,6 +74,16 @@ def test_runs_share_the_step_split_cache_beside_the_step0_models_unless_told_oth
     assert {cfg.data.cache_dir for cfg in configs} == {str(Path("cache") / "splits")}
     args.overrides = ["data.cache_dir=elsewhere"]
     assert quality.make_config(args, "mib", "6-1", 0).data.cache_dir == "elsewhere"
+
+
+def test_the_benchmark_trains_in_bfloat16_unless_told_otherwise():
+    import argparse
+
+    args = argparse.Namespace(overrides=[], class_order=None, preset="default", cache_dir="cache")
+    assert quality.make_config(args, "hrhf", "6-1", 0).train.bf16
+    assert not load_config("default").train.bf16  # the job's own default stays float32
+    args.overrides = ["train.bf16=false"]
+    assert not quality.make_config(args, "hrhf", "6-1", 0).train.bf16
 
 
 def _fake_result(job):
