@@ -247,7 +247,11 @@ def step_job(cfg: Config):
 
 
 def bare_train_rate(job, batch_size: int, fake_size: int, steps: int) -> float:
-    """Images/s of teacher forward + student forward/backward on one batch held in memory."""
+    """Images/s of the teacher's forward on the real half + the student's forward/backward on both halves, held in memory.
+
+    The loop keeps the teacher's logits on the synthetic rows through a step (hrhf.train.OldModelLogits),
+    so the teacher's pass over the synthetic half is not part of a step's work.
+    """
     student = copy.deepcopy(job.student).train()
     images = torch.stack([job.real[i][0] for i in range(batch_size)])
     fake = torch.randn(fake_size, *images.shape[1:])
@@ -256,7 +260,7 @@ def bare_train_rate(job, batch_size: int, fake_size: int, steps: int) -> float:
         if i == 1:
             start = time.perf_counter()
         with torch.no_grad():
-            job.teacher(inputs)
+            job.teacher(images)
         student(inputs).mean().backward()
         student.zero_grad(set_to_none=True)
     return len(inputs) * steps / (time.perf_counter() - start)
@@ -267,14 +271,15 @@ def distill_section(quick: bool) -> dict[str, float]:
     import ray
 
     from hrhf.distributed.training import RayTrainer
-    from hrhf.train import InMemoryFake, iters_per_epoch, make_optimizer, mixed_batches, real_batches, train_steps
-    from hrhf.train import step_lr
+    from hrhf.train import InMemoryFake, iters_per_epoch, make_optimizer, mixed_batches, old_model_logits, real_batches
+    from hrhf.train import step_lr, train_steps
 
     cfg = step_config(quick)
     job = step_job(cfg)
     plan = job.plan
     batch = plan.batch_size
     fake_size = plan.fake_per_batch
+    old_logits = old_model_logits(job.teacher, len(job.fake), plan, "cpu")  # filled by the warm-up epoch, as on Ray
 
     def local() -> float:
         """One epoch of the in-process loop (the epoch driver's batches and step), after its loader is built."""
@@ -282,7 +287,7 @@ def distill_section(quick: bool) -> dict[str, float]:
         iters = iters_per_epoch(len(job.real), batch)
         optimizer = make_optimizer(student, plan.lr, plan.weight_decay, plan.head_lr_mult)
         batches = mixed_batches(real_batches(job.real, plan, 0, cfg.train.num_workers),
-                                InMemoryFake(job.fake.images), plan, 0, iters)
+                                InMemoryFake(job.fake.images), plan, 0, iters, old_logits=old_logits)
         start = time.perf_counter()
         steps, _ = train_steps(student, job.teacher, batches, optimizer, step_lr(plan, iters), 0, plan)
         return steps * (batch + fake_size) / (time.perf_counter() - start)

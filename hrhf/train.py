@@ -181,17 +181,12 @@ class FakeSource(Protocol):
         """uint8 (n, 3, H, W) images at ``positions`` (taken modulo the set's size, never decreasing)."""
         ...
 
-    def teacher_logits(self, positions: Sequence[int]) -> torch.Tensor | None:
-        """The old model's logits (len(positions), 2, C, H, W) on these images as they are and flipped, or None."""
-        ...
-
 
 class InMemoryFake:
-    """A FakeSource over a synthetic set held in memory (the in-process path), with the old model's logits if given."""
+    """A FakeSource over a synthetic set held in memory (the in-process path)."""
 
-    def __init__(self, images: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+    def __init__(self, images: torch.Tensor) -> None:
         self.images = images
-        self.logits = logits
 
     def __len__(self) -> int:
         return len(self.images)
@@ -200,12 +195,6 @@ class InMemoryFake:
         """Images at ``positions`` modulo the set's size."""
         return self.images[torch.tensor(positions, dtype=torch.long) % len(self.images)]
 
-    def teacher_logits(self, positions: Sequence[int]) -> torch.Tensor | None:
-        """Cached logits at ``positions`` modulo the set's size, or None."""
-        if self.logits is None:
-            return None
-        return self.logits[torch.tensor(positions, dtype=torch.long) % len(self.images)]
-
 
 def forward(model: nn.Module, images: torch.Tensor, bf16: bool = False) -> torch.Tensor:
     """``model(images)`` as float32 logits, computed under bfloat16 autocast when ``bf16``."""
@@ -213,41 +202,70 @@ def forward(model: nn.Module, images: torch.Tensor, bf16: bool = False) -> torch
         return model(images).float()
 
 
-def logits_bytes(images: torch.Tensor, n_old: int) -> int:
-    """Bytes of float32 logits of ``n_old + 1`` classes on every image of ``images``, in both orientations."""
-    count, _, height, width = images.shape
-    return 2 * count * (n_old + 1) * height * width * 4
+class OldModelLogits:
+    """The frozen old model's logits on the rows of a synthetic set, as they are and flipped, kept from a row's first visit.
 
-
-@torch.no_grad()
-def logits_both_orientations(
-    teacher: nn.Module, images: torch.Tensor, batch_size: int, device: str = "cpu", bf16: bool = False
-) -> torch.Tensor:
-    """The frozen old model's logits (N, 2, C, H, W) on uint8 ``images`` as they are and flipped, on the CPU.
-
-    Synthetic images stay fixed through a step and only flips vary, so one pass per orientation
-    replaces the old model's pass over the synthetic half of every batch.
+    A step's synthetic rows stay fixed and only flips vary, so each row costs the old model two passes
+    per step instead of one per visit (a row is visited about 35 times in a 400-update step). The
+    in-process trainer and a Ray Train worker, which streams its rows, keep them alike. When the whole
+    set's logits would exceed ``budget`` bytes, nothing is kept and ``rows`` returns None: the caller then
+    runs the old model on every batch.
     """
-    parts = []
-    for start in range(0, len(images), batch_size):
-        batch = normalize(images[start : start + batch_size].to(device))
-        parts.append(torch.stack([forward(teacher, batch, bf16), forward(teacher, batch.flip(-1), bf16)], dim=1).cpu())
-    return torch.cat(parts)
+
+    def __init__(self, teacher: nn.Module, num_rows: int, device: str = "cpu", bf16: bool = False,
+                 budget: int = FAKE_LOGITS_BUDGET) -> None:
+        self.teacher, self.num_rows, self.device, self.bf16, self.budget = teacher, num_rows, device, bf16, budget
+        self.logits: torch.Tensor | None = None  # (num_rows, 2, C, H, W) on the CPU, allocated on the first visit
+        self.known = torch.zeros(num_rows, dtype=torch.bool)
+        self.over_budget = False
+
+    @torch.no_grad()
+    def rows(self, positions: Sequence[int], images: torch.Tensor) -> torch.Tensor | None:
+        """Logits (n, 2, C, H, W) of the uint8 ``images`` at ``positions`` (modulo the set's size), or None over budget."""
+        if self.over_budget or not len(positions):
+            return None
+        rows = torch.tensor(positions, dtype=torch.long) % self.num_rows
+        first_visit: dict[int, int] = {}  # new row -> its first index here (a set smaller than the batch repeats)
+        for i, row in enumerate(rows.tolist()):
+            if not self.known[row]:
+                first_visit.setdefault(row, i)
+        new = list(first_visit.values())
+        if new:
+            batch = normalize(images[new].to(self.device))
+            fresh = torch.stack([forward(self.teacher, batch, self.bf16), forward(self.teacher, batch.flip(-1), self.bf16)],
+                                dim=1).cpu()
+            if self.logits is None:
+                if self.num_rows * fresh[0].numel() * fresh.element_size() > self.budget:
+                    self.over_budget = True
+                    return None
+                self.logits = fresh.new_empty(self.num_rows, *fresh.shape[1:])
+            self.logits[rows[new]] = fresh
+            self.known[rows[new]] = True
+        return self.logits[rows]
+
+
+def old_model_logits(teacher: nn.Module | None, num_rows: int, plan: StepPlan, device: str) -> OldModelLogits | None:
+    """A keeper of the old model's logits on a step's synthetic rows, or None where no batch would read them."""
+    if teacher is None or not num_rows or not plan.fake_per_batch:
+        return None
+    return OldModelLogits(teacher, num_rows, device, plan.bf16)
 
 
 def fake_share(
-    source: FakeSource, plan: StepPlan, global_batch: int, rank: int, world: int
+    source: FakeSource, plan: StepPlan, global_batch: int, rank: int, world: int,
+    old_logits: OldModelLogits | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """This worker's part of the synthetic half of global batch ``global_batch``: normalised, some flipped;
-    and the old model's logits on it when the source holds them."""
+    and the old model's logits on it, as flipped, when ``old_logits`` keeps them."""
     count = plan.fake_per_batch
     part = share(count, rank, world)
     flips = torch.rand(count, generator=torch.Generator().manual_seed(plan.seed * 1_000_003 + global_batch))[part] < 0.5
     start = global_batch * count
     positions = range(start + part.start, start + part.stop)
-    images = normalize(source.take(positions))
+    raw = source.take(positions)
+    logits = old_logits.rows(positions, raw) if old_logits is not None else None
+    images = normalize(raw)
     images[flips] = images[flips].flip(-1)
-    logits = source.teacher_logits(positions)
     if logits is not None:
         logits = logits[torch.arange(len(logits)), flips.long()]
     return images, logits
@@ -261,16 +279,18 @@ def mixed_batches(
     iters: int,
     rank: int = 0,
     world: int = 1,
+    old_logits: OldModelLogits | None = None,
 ) -> Iterator[Batch]:
     """Yield Batches: this worker's share of each half-real half-fake batch.
 
     ``iters`` is the number of global batches per epoch, which numbers the global batches of the step.
+    With ``old_logits`` the synthetic half carries the old model's logits on it.
     """
     first = epoch * iters
     for b, (images, labels) in enumerate(real):
         fake_images = fake_logits = None
         if fake is not None and len(fake) and plan.fake_per_batch:
-            fake_images, fake_logits = fake_share(fake, plan, first + b, rank, world)
+            fake_images, fake_logits = fake_share(fake, plan, first + b, rank, world, old_logits)
         yield images, labels, fake_images, fake_logits
 
 
@@ -506,17 +526,16 @@ def fit(
     student.to(device)
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
-    fake_source = None
+    fake_source = old_logits = None
     if fake is not None and len(fake) and plan.method.fake:
-        logits = None
-        if teacher is not None and plan.fake_per_batch and logits_bytes(fake.images, plan.n_old) <= FAKE_LOGITS_BUDGET:
-            logits = logits_both_orientations(teacher, fake.images, plan.batch_size, device, plan.bf16)
-        fake_source = InMemoryFake(fake.images, logits)
+        fake_source = InMemoryFake(fake.images)
+        old_logits = old_model_logits(teacher, len(fake), plan, device)
     iters = iters_per_epoch(len(real), plan.batch_size)
     optimizer = make_optimizer(student, plan.lr, plan.weight_decay, plan.head_lr_mult)
 
     def batches_of_epoch(epoch: int) -> Iterator[Batch]:
-        return mixed_batches(real_batches(real, plan, epoch, num_workers), fake_source, plan, epoch, iters)
+        return mixed_batches(real_batches(real, plan, epoch, num_workers), fake_source, plan, epoch, iters,
+                             old_logits=old_logits)
 
     return run_epochs(student, teacher, plan, batches_of_epoch, iters, optimizer, device, on_epoch=on_epoch)
 

@@ -27,8 +27,8 @@ from hrhf.train import (
     fake_share,
     forward,
     iters_per_epoch,
-    logits_both_orientations,
     make_optimizer,
+    OldModelLogits,
     mixed_batches,
     plan_step,
     run_epochs,
@@ -76,8 +76,8 @@ def _train(
     real, fake, teacher, student, plan = _setup(ignored_bands)
     plan = dataclasses.replace(plan, bf16=bf16)
     teacher.eval().requires_grad_(False)
-    logits = logits_both_orientations(teacher, fake.images, 4, bf16=bf16) if cached_logits else None
-    source = InMemoryFake(fake.images, logits)
+    source = InMemoryFake(fake.images)
+    old_logits = OldModelLogits(teacher, len(fake), bf16=bf16) if cached_logits else None
     iters = iters_per_epoch(len(real), plan.batch_size)
     items = SeededItems(real, plan.seed)
     net = synchronise_batchnorm(student, torch.device("cpu")) if world > 1 else student
@@ -87,7 +87,7 @@ def _train(
     def batches_of_epoch(epoch):
         real_batches = (collate_items([items[(epoch, i)] for i in batch[share(len(batch), rank, world)]])
                         for batch in epoch_batches(len(real), plan.batch_size, plan.seed, epoch))
-        return mixed_batches(real_batches, source, plan, epoch, iters, rank, world)
+        return mixed_batches(real_batches, source, plan, epoch, iters, rank, world, old_logits)
 
     run_epochs(model, teacher, plan, batches_of_epoch, iters, optimizer)
     return net
@@ -105,7 +105,8 @@ def _worker(rank: int, port: int, out_dir: str, ignored_bands: bool) -> None:
 
 
 def test_shares_of_a_global_batch_do_not_depend_on_the_worker_count():
-    real, fake, _, _, plan = _setup()
+    real, fake, teacher, _, plan = _setup()
+    teacher.eval().requires_grad_(False)
     for epoch in range(2):
         batches = epoch_batches(len(real), plan.batch_size, plan.seed, epoch)
         assert len(batches) == iters_per_epoch(len(real), plan.batch_size) == 5
@@ -115,12 +116,13 @@ def test_shares_of_a_global_batch_do_not_depend_on_the_worker_count():
         first, again = items[(epoch, batches[0][0])], items[(epoch, batches[0][0])]
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert epoch_batches(len(real), plan.batch_size, plan.seed, 0) != epoch_batches(len(real), plan.batch_size, plan.seed, 1)
-    for source in (InMemoryFake(fake.images), InMemoryFake(fake.images, torch.randn(10, 2, 4, 32, 32))):
-        whole, whole_logits = fake_share(source, plan, 7, 0, 1)
-        halves = [fake_share(source, plan, 7, r, 2) for r in range(2)]
+    source = InMemoryFake(fake.images)
+    for old_logits in (None, OldModelLogits(teacher, len(fake))):
+        whole, whole_logits = fake_share(source, plan, 7, 0, 1, old_logits)
+        halves = [fake_share(source, plan, 7, r, 2, old_logits) for r in range(2)]
         assert torch.equal(torch.cat([images for images, _ in halves]), whole)
         assert len(whole) == plan.fake_per_batch
-        if source.logits is None:
+        if old_logits is None:
             assert whole_logits is None and all(logits is None for _, logits in halves)
         else:
             assert torch.equal(torch.cat([logits for _, logits in halves]), whole_logits)
@@ -130,15 +132,37 @@ def test_shares_of_a_global_batch_do_not_depend_on_the_worker_count():
 def test_cached_logits_are_the_old_models_on_each_synthetic_image_as_flipped(bf16):
     _, fake, teacher, _, plan = _setup()
     teacher.eval().requires_grad_(False)
-    source = InMemoryFake(fake.images, logits_both_orientations(teacher, fake.images, 4, bf16=bf16))
+    source, old_logits = InMemoryFake(fake.images), OldModelLogits(teacher, len(fake), bf16=bf16)
+    passes = []
+    hook = teacher.register_forward_hook(lambda _, inputs, __: passes.append(len(inputs[0])))
     flipped_somewhere = False
-    for global_batch in range(3):
-        images, logits = fake_share(source, plan, global_batch, 0, 1)
-        first = global_batch * plan.fake_per_batch
-        flipped_somewhere |= not torch.equal(images, normalize(source.take(range(first, first + len(images)))))
-        with torch.no_grad():
-            assert torch.equal(logits, forward(teacher, images, bf16))
+    try:
+        for global_batch in range(6):
+            images, logits = fake_share(source, plan, global_batch, 0, 1, old_logits)
+            first = global_batch * plan.fake_per_batch
+            flipped_somewhere |= not torch.equal(images, normalize(source.take(range(first, first + len(images)))))
+            seen = len(passes)
+            with torch.no_grad():
+                torch.testing.assert_close(logits, forward(teacher, images, bf16), rtol=0, atol=1e-5)
+            del passes[seen:]  # the reference pass above is not the keeper's
+    finally:
+        hook.remove()
+    visited = min(len(fake), 6 * plan.fake_per_batch)
+    assert sum(passes) == 2 * visited  # each row once as it is and once flipped, however often it is visited
+    assert 6 * plan.fake_per_batch > len(fake)  # rows were visited again
     assert logits.dtype == torch.float32 and flipped_somewhere
+
+
+def test_old_model_logits_over_budget_leave_the_old_models_pass_to_every_batch():
+    _, fake, teacher, _, plan = _setup()
+    teacher.eval().requires_grad_(False)
+    source = InMemoryFake(fake.images)
+    row_bytes = 2 * 4 * 32 * 32 * 4  # two orientations of (n_old + 1) x H x W float32
+    within = OldModelLogits(teacher, len(fake), budget=len(fake) * row_bytes)
+    over = OldModelLogits(teacher, len(fake), budget=len(fake) * row_bytes - 1)
+    assert fake_share(source, plan, 0, 0, 1, within)[1] is not None
+    assert fake_share(source, plan, 0, 0, 1, over)[1] is None and over.logits is None
+    assert fake_share(source, plan, 1, 0, 1, over)[1] is None
 
 
 def test_cached_old_model_logits_train_the_weights_of_live_ones():

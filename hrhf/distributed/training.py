@@ -53,6 +53,7 @@ from hrhf.train import (
     iters_per_epoch,
     make_optimizer,
     mixed_batches,
+    old_model_logits,
     prediction_batch_size,
     real_batches,
     run_epochs,
@@ -225,10 +226,6 @@ class StreamedFake:
             images.append(decode_png(self.image).transpose(2, 0, 1))
         return torch.from_numpy(np.ascontiguousarray(np.stack(images)))
 
-    def teacher_logits(self, positions: Sequence[int]) -> None:
-        """None: a worker sees the set only as a stream, so the old model runs on every synthetic batch."""
-        return None
-
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: DDP student, local frozen teacher, hrhf.train's epochs, checkpoints."""
@@ -259,11 +256,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
 
     fake = StreamedFake(job.fake) if job.fake is not None else None
+    old_logits = old_model_logits(teacher, len(fake), plan, str(device)) if fake is not None else None
     real = RealStream(ray.train.get_dataset_shard(f"real-{rank}"), job.real, plan.seed, job.loader_workers)
     epoch_start = time.perf_counter()
 
     def batches_of_epoch(epoch: int) -> Iterator:
-        return mixed_batches(real.epoch(epoch), fake, plan, epoch, job.iters, rank, world)
+        return mixed_batches(real.epoch(epoch), fake, plan, epoch, job.iters, rank, world, old_logits)
 
     progress = job.progress
 
