@@ -58,7 +58,7 @@ class TrainConfig:
     freeze_bn: bool = False  # keep BatchNorm statistics of the previous model
     sync_bn: bool = True  # Ray Train: BatchNorm statistics of the global batch, not of each worker's share
     # bfloat16 autocast of the student's and the old model's passes in training (losses and evaluation stay
-    # float32): about 1.7x faster on CPUs with AMX (Sapphire Rapids and later) and on GPUs, slower on other CPUs
+    # float32): about 1.6x faster updates on CPUs with AMX (Sapphire Rapids and later) and on GPUs, slower on other CPUs
     bf16: bool = False
     init_checkpoint: str | None = None  # a step-0 checkpoint to start from instead of training step 0
 

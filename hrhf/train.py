@@ -226,8 +226,8 @@ class OldModelLogits:
             return None
         rows = torch.tensor(positions, dtype=torch.long) % self.num_rows
         first_visit: dict[int, int] = {}  # new row -> its first index here (a set smaller than the batch repeats)
-        for i, row in enumerate(rows.tolist()):
-            if not self.known[row]:
+        for i, (row, known) in enumerate(zip(rows.tolist(), self.known[rows].tolist())):
+            if not known:
                 first_visit.setdefault(row, i)
         new = list(first_visit.values())
         if new:

@@ -2,9 +2,9 @@
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
-import pytest
 import torch.multiprocessing as mp
 from torch import nn
 

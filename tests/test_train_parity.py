@@ -21,6 +21,7 @@ from hrhf.pixels import normalize
 from hrhf.tasks import IGNORE_INDEX, label_lut, make_task_from_steps
 from hrhf.train import (
     InMemoryFake,
+    OldModelLogits,
     SeededItems,
     collate_items,
     epoch_batches,
@@ -28,7 +29,6 @@ from hrhf.train import (
     forward,
     iters_per_epoch,
     make_optimizer,
-    OldModelLogits,
     mixed_batches,
     plan_step,
     run_epochs,
